@@ -1,0 +1,61 @@
+"""The `memact` command line: one entry point, one subcommand per job.
+
+Each subcommand lives next to the code it drives and registers itself through an
+``add_parser(subparsers)`` function that sets ``func`` to the handler taking the parsed
+namespace. Heavy imports (torch, transformers, deepspeed) happen inside the handlers, so
+``memact --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# (module, short help) in the order `memact --help` lists them.
+SUBCOMMANDS = [
+    ("memact.policy.cli_model", "new-model: build a tiny Qwen-architecture model and tokenizer"),
+    ("memact.policy.cli_rollout", "rollout: run episodes and write trajectories with DCPO segments"),
+    ("memact.research.cli", "research: autoresearch loop whose history the memory policy curates"),
+]
+
+DESCRIPTION = """\
+memact: train LLM agents to manage their own working memory (Memory-as-Action + DCPO).
+
+Typical flow on a CPU:
+  memact new-model --preset tiny --out runs/tiny            # random tiny model + tokenizer
+  memact rollout --policy scripted --objectives 4 --n 16 --out runs/scripted.jsonl
+  memact rollout --policy runs/tiny --objectives 2 --n 8 --out runs/tiny.jsonl
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memact", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name, _ in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue  # a subcommand whose module is not part of this install
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

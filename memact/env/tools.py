@@ -1,0 +1,196 @@
+"""Tools, actions and the environment step of a memory agent.
+
+The agent's turn is parsed (by the policy layer) into an :class:`Action`; the
+:class:`AgentEnv` applies it to the working memory and answers with the text of a tool
+response. Bad actions never raise: they are answered by an error response that says what
+was wrong, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import bm25s
+
+from memact.env.memory import Budget, IdSource, MemoryActionError, Record, WorkingMemory
+from memact.env.task import Task, parse_final_answer, score_answer
+
+SEARCH_SCHEMA = {
+    "name": "search",
+    "description": "Search the documents.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "description": "words to find"},
+            "topk": {"type": "integer", "description": "results, 1-5"},
+        },
+        "required": ["query"],
+    },
+}
+
+PRUNE_SCHEMA = {
+    "name": "prune_context",
+    "description": "Delete records and keep a note instead.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "memory": {"type": "string", "description": "the note"},
+            "delete_ids": {"type": "array", "items": {"type": "string"}, "description": "ids to delete"},
+        },
+        "required": ["memory", "delete_ids"],
+    },
+}
+
+MAX_TOPK = 5
+
+
+class BM25Search:
+    """``search(query, topk)`` over a task's documents with the bm25s library."""
+
+    def __init__(self, documents: list[str], default_topk: int = 3):
+        if not documents:
+            raise ValueError("BM25Search needs at least one document")
+        self.documents = documents
+        self.default_topk = default_topk
+        self._retriever = bm25s.BM25()
+        tokens = bm25s.tokenize(documents, stopwords="en", show_progress=False)
+        self._retriever.index(tokens, show_progress=False)
+
+    def __call__(self, query: str, topk: int | None = None) -> list[str]:
+        topk = self.default_topk if topk is None else topk
+        q = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
+        if not q[0]:
+            return []
+        k = min(topk, len(self.documents))
+        docs, scores = self._retriever.retrieve(q, k=k, show_progress=False)
+        return [self.documents[int(d)] for d, s in zip(docs[0], scores[0]) if s > 0]
+
+
+@dataclass
+class Action:
+    """A parsed assistant turn.
+
+    kind: ``"tool"`` (a tool call with ``name`` and ``arguments``), ``"final"`` (a final
+    answer), or ``"invalid"`` (``error`` says what was wrong with the turn).
+    """
+
+    kind: str
+    name: str = ""
+    arguments: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class StepResult:
+    """What the env did with one action."""
+
+    response_text: str | None  # tool response to append (None when the episode ended)
+    record_id: str | None = None
+    kind: str = "tool"  # tool | memory | error | final
+    deleted: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+class AgentEnv:
+    """One episode's environment: a task, its tools and the working memory.
+
+    Args:
+        task: the multi-objective task.
+        seed: seeds the record ids, so an episode replays exactly.
+        memory_tool: offer ``prune_context`` (False gives the no-memory baseline).
+        budget: context and step limits.
+    """
+
+    def __init__(self, task: Task, seed: int = 0, memory_tool: bool = True, budget: Budget | None = None):
+        self.task = task
+        self.memory_tool = memory_tool
+        self.budget = budget or Budget()
+        self.new_id = IdSource(seed)
+        self.memory = WorkingMemory(head_id=self.new_id())
+        self._search_index: BM25Search | None = None
+        self.answer: dict[str, str] | None = None
+        self.correct: list[bool] = []
+        self.memory_actions = 0
+        self.invalid_actions = 0
+
+    @property
+    def search(self) -> BM25Search:
+        if self._search_index is None:  # built on first use: indexing costs more than the episode setup
+            self._search_index = BM25Search(self.task.documents)
+        return self._search_index
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        return [SEARCH_SCHEMA, PRUNE_SCHEMA] if self.memory_tool else [SEARCH_SCHEMA]
+
+    def user_text(self) -> str:
+        return f"[id: {self.memory.head_id}]\n{self.task.prompt_text()}"
+
+    # ------------------------------------------------------------------ actions
+
+    def step(self, action: Action, assistant_text: str = "") -> StepResult:
+        """Apply one action. Never raises for a bad action: it becomes an error response."""
+        if action.kind == "final":
+            self.answer = parse_final_answer(assistant_text)
+            return StepResult(None, kind="final", done=True)
+        if action.kind == "invalid":
+            return self._error(action.error, assistant_text)
+        if action.name == "search":
+            return self._search(action.arguments, assistant_text)
+        if action.name == "prune_context" and self.memory_tool:
+            return self._prune(action.arguments, assistant_text)
+        names = ", ".join(t["name"] for t in self.tools)
+        return self._error(f"unknown tool {action.name!r}; available tools: {names}", assistant_text)
+
+    def _append(self, text: str, assistant_text: str, kind: str, **meta: Any) -> StepResult:
+        rid = self.new_id()
+        response = f"[id: {rid}]\n{text}"
+        self.memory.append(Record(rid, assistant_text, response, kind=kind, meta=meta))
+        return StepResult(response, record_id=rid, kind=kind)
+
+    def _error(self, message: str, assistant_text: str) -> StepResult:
+        self.invalid_actions += 1
+        return self._append(f"Error: {message}", assistant_text, "error", error=message)
+
+    def _search(self, args: dict[str, Any], assistant_text: str) -> StepResult:
+        query = args.get("query")
+        if not isinstance(query, str) or not query.strip():
+            return self._error("search needs a non-empty string argument 'query'", assistant_text)
+        topk = args.get("topk", self.search.default_topk)
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
+            return self._error(f"topk must be an integer from 1 to {MAX_TOPK}, got {topk!r}", assistant_text)
+        docs = self.search(query, topk)
+        body = "\n".join(f"{i + 1}. {d}" for i, d in enumerate(docs)) if docs else "No results."
+        return self._append(body, assistant_text, "tool", tool="search", query=query, topk=topk)
+
+    def _prune(self, args: dict[str, Any], assistant_text: str) -> StepResult:
+        missing = [a for a in ("memory", "delete_ids") if a not in args]
+        if missing:
+            return self._error(f"prune_context is missing required argument(s): {', '.join(missing)}",
+                               assistant_text)
+        try:
+            removed = self.memory.prune_context(args["memory"], args["delete_ids"])
+        except MemoryActionError as err:
+            return self._error(str(err), assistant_text)
+        self.memory_actions += 1
+        deleted = [r.record_id for r in removed]
+        result = self._append(
+            f"Deleted {len(deleted)} record(s): {', '.join(deleted)}. Memory saved.", assistant_text, "memory",
+            tool="prune_context", memory=args["memory"], deleted=deleted,
+        )
+        result.deleted = deleted
+        return result
+
+    # ------------------------------------------------------------------ scoring
+
+    def reward(self, broken: str | None) -> float:
+        """Task reward; a broken budget or an unparsable answer gives the penalty."""
+        reward, self.correct = score_answer(self.task, None if broken else self.answer)
+        return reward
+
+
+def tool_call_json(name: str, arguments: dict[str, Any]) -> str:
+    """The JSON body of a hermes tool call, in the one layout the project writes."""
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)

@@ -1,0 +1,111 @@
+"""Policy models: tiny Qwen-architecture models built from a config, or any local checkpoint.
+
+Every command that takes a model takes a directory: the tiny models written by
+``memact new-model`` and a real checkpoint (e.g. Qwen2.5-14B-Instruct on a local path) go
+through the same ``load_policy``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Shape of a Qwen3-style decoder built from scratch."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 4096
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # about 1.2M parameters with the local tokenizer: 13k tok/s fwd+bwd fp32 on 2 cores.
+    "tiny": ModelPreset(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
+    # about 6M parameters: 3-4x slower, noticeably better recall.
+    "small": ModelPreset(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=768),
+    # several times "small": the stand-in for a much larger no-memory model.
+    "base": ModelPreset(hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, intermediate_size=1152),
+}
+
+
+def build_model(preset: str | ModelPreset, vocab_size: int, seed: int = 0, pad_token_id: int | None = None,
+                eos_token_id: int | None = None):
+    """A randomly initialised Qwen3ForCausalLM of the given preset."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.hidden_size // preset.num_heads,
+        max_position_embeddings=preset.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    return model
+
+
+def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024) -> Path:
+    """Train a tokenizer on task text, build a random model, save both to ``out``."""
+    from memact.policy.tokenizer import task_corpus, train_tokenizer
+
+    out = Path(out)
+    tokenizer = train_tokenizer(task_corpus(seed=seed), vocab_size=vocab_size)
+    model = build_model(
+        preset, vocab_size=len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Model and tokenizer from a local directory (tiny or a real checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a model directory (no config.json); build one with "
+            "`memact new-model --preset tiny --out DIR` or pass a local checkpoint"
+        )
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

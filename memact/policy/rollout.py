@@ -1,0 +1,115 @@
+"""Rollouts from the command line or from code: policy spec -> engine -> trajectories -> JSONL.
+
+A policy is ``scripted`` (the expert), ``scripted-nomem`` (the expert without the memory
+tool), or a model directory (tiny or a real checkpoint on a local path).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memact.dcpo.segments import segment_trajectory
+from memact.env.memory import Budget
+from memact.env.task import Task, make_tasks
+from memact.policy.agent import Trajectory, run_episodes
+from memact.policy.chat import ChatRenderer
+from memact.policy.engines import HFEngine, SamplingParams, ScriptedEngine
+from memact.policy.scripted import ScriptedExpert
+
+SCRIPTED = ("scripted", "scripted-nomem")
+
+# Sized so that an agent that never prunes overflows at about K >= 4 (see README).
+DEFAULT_CONTEXT_BUDGET = 1040
+DEFAULT_MAX_STEPS = 40
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer():
+    """The tokenizer `memact new-model` would build (trained in-process, about a second)."""
+    from memact.policy.tokenizer import task_corpus, train_tokenizer
+
+    return train_tokenizer(task_corpus())
+
+
+@dataclass
+class PolicyHandle:
+    engine: Any
+    tokenizer: Any
+    memory_tool: bool
+    name: str
+
+
+def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, seed: int = 0) -> PolicyHandle:
+    """An engine for a policy spec (``scripted``, ``scripted-nomem`` or a model directory)."""
+    from memact.policy.model import load_policy, load_tokenizer
+
+    if spec in SCRIPTED:
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
+        memory = spec == "scripted"
+        engine = ScriptedEngine(ScriptedExpert(tasks, memory=memory, seed=seed), tok)
+        return PolicyHandle(engine, tok, memory, spec)
+    path = Path(spec)
+    if not path.is_dir():
+        raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-nomem' or a model directory")
+    model, tok = load_policy(path)
+    engine = HFEngine(model, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    return PolicyHandle(engine, tok, True, path.name)
+
+
+def trajectory_json(traj: Trajectory) -> dict[str, Any]:
+    """The JSONL record of a trajectory, segments included."""
+    segments = segment_trajectory(traj.calls)
+    metrics = dict(traj.metrics)
+    metrics["segments"] = len(segments)
+    return {
+        "task_id": traj.task_id,
+        "group": traj.group,
+        "reward": traj.reward,
+        "correct": traj.correct,
+        "answer": traj.answer,
+        "error": traj.error,
+        "metrics": metrics,
+        "calls": [c.to_json() for c in traj.calls],
+        "segments": [s.to_json() for s in segments],
+    }
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write all rows to a temporary file, then rename: no half-written output on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(trajs: list[Trajectory]) -> dict[str, float]:
+    n = max(len(trajs), 1)
+    return {
+        "episodes": len(trajs),
+        "mean_reward": sum(t.reward for t in trajs) / n,
+        "mean_context": sum(t.metrics["mean_context_tokens"] for t in trajs) / n,
+        "peak_context": max((t.metrics["peak_context_tokens"] for t in trajs), default=0),
+        "memory_actions": sum(t.metrics["memory_actions"] for t in trajs) / n,
+        "overflow_rate": sum(t.metrics["overflow"] for t in trajs) / n,
+        "steps": sum(t.metrics["steps"] for t in trajs) / n,
+    }
+
+
+def rollout(policy: str, objectives: int, n: int, seed: int = 0, budget: Budget | None = None,
+            sampling: SamplingParams | None = None, tokenizer_dir: str | None = None,
+            progress: bool = True) -> list[Trajectory]:
+    tasks = make_tasks(n, objectives, seed)
+    handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed)
+    renderer = ChatRenderer(handle.tokenizer)
+    budget = budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
+    sampling = sampling or SamplingParams()
+    return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, memory_tool=handle.memory_tool,
+                        seed=seed, progress=progress)

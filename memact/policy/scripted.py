@@ -1,0 +1,123 @@
+"""Scripted policies that read the rendered prompt and write the next assistant turn.
+
+The expert searches each sub-question, writes what it found into a memory note and
+deletes the search records (sometimes several at once, sometimes after a second search),
+then answers. The no-memory variant never prunes. Both see exactly what a model would see
+(the decoded prompt), so their trajectories are valid training data for SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import zlib
+from dataclasses import dataclass
+
+from memact.env.task import FINAL_ANSWER, Task
+from memact.env.tools import tool_call_json
+from memact.policy.chat import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_action
+
+_RECORD_RE = re.compile(
+    re.escape(IM_START) + r"assistant\n(.*?)(?:" + re.escape(IM_END) + r")?\n"
+    + re.escape(IM_START) + r"user\n<tool_response>\n\[id: (\w+)\]\n(.*?)\n</tool_response>",
+    re.DOTALL,
+)
+_USER_RE = re.compile(re.escape(IM_START) + r"user\n\[id: \w+\]\n(.*?)" + re.escape(IM_END), re.DOTALL)
+_NOTE_RE = re.compile(r"(Q\d+): ([^;]+)")
+
+
+@dataclass
+class VisibleRecord:
+    record_id: str
+    tool: str  # search | prune_context | invalid
+    arguments: dict
+    response: str
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[VisibleRecord]]:
+    """The task text of the head and the records visible in a rendered prompt."""
+    m = _USER_RE.search(prompt)
+    if m is None:
+        raise ValueError("prompt has no user task head")
+    records = []
+    for assistant, rid, response in _RECORD_RE.findall(prompt[m.end():]):
+        action = parse_action(assistant)
+        records.append(VisibleRecord(rid, action.name if action.kind == "tool" else "invalid", action.arguments,
+                                     response))
+    return m.group(1), records
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return f"{TOOL_CALL_OPEN}\n{tool_call_json(name, arguments)}\n{TOOL_CALL_CLOSE}"
+
+
+class ScriptedExpert:
+    """A scripted agent; call it with a decoded prompt to get the next assistant turn.
+
+    Args:
+        tasks: the tasks it may be asked about (found by their question text).
+        memory: use ``prune_context`` (False: the no-memory variant).
+        seed: seeds its occasional detours; the same prompt always gives the same turn.
+        p_batch: chance of searching the next question before pruning (several deletions at once).
+        p_second_search: chance of a second search for a question before pruning.
+    """
+
+    def __init__(self, tasks: list[Task], memory: bool = True, seed: int = 0, p_batch: float = 0.3,
+                 p_second_search: float = 0.15):
+        self.tasks = {t.prompt_text(): t for t in tasks}
+        self.memory = memory
+        self.seed = seed
+        self.p_batch = p_batch
+        self.p_second_search = p_second_search
+
+    def __call__(self, prompt: str) -> str:
+        task_text, records = parse_prompt(prompt)
+        task = self.tasks.get(task_text.strip())
+        if task is None:
+            raise KeyError("scripted expert was given a prompt for a task it does not know")
+        rng = random.Random(zlib.crc32(prompt.encode()) ^ self.seed)
+        noted: dict[str, str] = {}
+        for r in records:
+            if r.tool == "prune_context":
+                noted.update({k: v.strip() for k, v in _NOTE_RE.findall(str(r.arguments.get("memory", "")))})
+        found: dict[str, str] = {}
+        searches: dict[str, int] = {}
+        for q in task.questions:
+            for r in records:
+                if r.tool != "search":
+                    continue
+                if str(r.arguments.get("query", "")) in (q.query, q.entity):
+                    searches[q.key] = searches.get(q.key, 0) + 1
+                if q.key not in noted and q.key not in found:
+                    ans = task.find_answer(q.key, r.response)
+                    if ans is not None:
+                        found[q.key] = ans
+        # Three searches that found nothing: give the question up rather than loop.
+        gave_up = {q.key: "unknown" for q in task.questions
+                   if searches.get(q.key, 0) >= 3 and q.key not in noted and q.key not in found}
+        known = {**noted, **found, **gave_up}
+        unanswered = [q for q in task.questions if q.key not in known]
+
+        if self.memory and found:
+            pending = [q for q in task.questions if q.key in found]
+            # Detours only while a single search record is held, so at most two are ever held.
+            single = sum(r.tool == "search" for r in records) == 1
+            if single and unanswered and rng.random() < self.p_batch:
+                return self._search(unanswered[0], searches)
+            if single and rng.random() < self.p_second_search:
+                return call_text("search", {"query": pending[0].query, "topk": 2})
+            note = "; ".join(f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known)
+            delete = [r.record_id for r in records]
+            return call_text("prune_context", {"memory": note, "delete_ids": delete})
+        if unanswered:
+            return self._search(unanswered[0], searches)
+        answer = {q.key: known[q.key] for q in task.questions}
+        return f"{FINAL_ANSWER} {json.dumps(answer, ensure_ascii=False)}"
+
+    def _search(self, q, searches: dict[str, int]) -> str:
+        n = searches.get(q.key, 0)
+        if n == 0:
+            return call_text("search", {"query": q.query, "topk": 4})
+        # The first search missed: widen it, then try the entity alone.
+        return call_text("search", {"query": q.query if n == 1 or not q.entity else q.entity, "topk": 5})

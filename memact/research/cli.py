@@ -1,0 +1,95 @@
+"""`memact research init|run|plot`: the autoresearch loop from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+RUN_EPILOG = """\
+proposers: mutate (offline), openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY),
+           policy:MODEL_DIR (serve it with `memact serve MODEL_DIR`, set MEMACT_POLICY_URL)
+memory:    heuristic, none, policy:MODEL_DIR (same endpoint as above)
+Re-running on the same DIR resumes: --experiments is the total wanted, not the number to add.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `research` and its sub-commands on the top-level `memact` parser."""
+    research = subparsers.add_parser(
+        "research", help="autoresearch loop whose history the memory policy curates",
+        description="An agent improves train.py experiment by experiment; see docs/research.md.",
+    )
+    research.set_defaults(func=lambda args: (research.print_help(), 2)[1])
+    sub = research.add_subparsers(dest="research_command", metavar="SUBCOMMAND")
+
+    init = sub.add_parser("init", help="create a workspace (git repo with prepare.py, train.py, program.md)")
+    init.add_argument("dir", help="new or empty directory")
+    init.add_argument("--template", choices=["cpu", "gpu"], default="cpu",
+                      help="cpu: small GPT, 60 s default budget; gpu: sized for one H100, 300 s")
+    init.set_defaults(func=cmd_init)
+
+    run = sub.add_parser("run", help="run (or resume) the experiment loop in a workspace", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("dir", help="a workspace made by `memact research init`")
+    run.add_argument("--budget", type=float, required=True, help="training seconds per run; killed at 2x")
+    run.add_argument("--experiments", type=int, required=True, help="total experiments wanted (resume-aware)")
+    run.add_argument("--proposer", default="mutate", help="mutate | openai:MODEL | policy:MODEL_DIR (default mutate)")
+    run.add_argument("--memory", default="heuristic", help="heuristic | none | policy:MODEL_DIR (default heuristic)")
+    run.add_argument("--baseline-runs", type=int, default=3, help="repeats of the baseline for the noise margin (>= 2)")
+    run.add_argument("--context-budget", type=int, default=4000,
+                     help="proxy tokens of proposer context above which the memory acts (default 4000)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the mutate proposer and the record ids")
+    run.set_defaults(func=cmd_run)
+
+    plot = sub.add_parser("plot", help="redraw progress.png and context.png from the workspace's logs")
+    plot.add_argument("dir")
+    plot.set_defaults(func=cmd_plot)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from memact.research.workspace import init_workspace
+
+    try:
+        commit = init_workspace(args.dir, args.template)
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"workspace {args.dir} from the {args.template} template at commit {commit[:7]}")
+    print(f"next: memact research run {args.dir} --budget SECONDS --experiments N --proposer mutate")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from memact.research.endpoint import PolicyUnavailable
+    from memact.research.history import make_memory_policy
+    from memact.research.loop import ResearchError, ResearchLoop, RunConfig
+    from memact.research.proposers import make_proposer
+
+    if not os.path.exists(os.path.join(args.dir, "train.py")):
+        print(f"error: {args.dir} has no train.py: create it with `memact research init {args.dir}`", file=sys.stderr)
+        return 2
+    config = RunConfig(
+        budget_s=args.budget, experiments=args.experiments, proposer=args.proposer, memory=args.memory,
+        baseline_runs=args.baseline_runs, context_budget=args.context_budget, seed=args.seed,
+    )
+    try:
+        loop = ResearchLoop(args.dir, config, make_proposer(args.proposer, args.seed), make_memory_policy(args.memory))
+    except (ValueError, PolicyUnavailable, ResearchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return loop.run()
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from memact.research.plots import write_plots
+
+    try:
+        paths = write_plots(args.dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

@@ -1,0 +1,382 @@
+"""The experiment history as working memory, and the memory policies that curate it.
+
+Every experiment becomes a :class:`~memact.env.memory.Record` in a
+:class:`~memact.env.memory.WorkingMemory`, with a record id from an
+:class:`~memact.env.memory.IdSource` and a one-line text (id, outcome, description, diff
+summary). The proposer's context is::
+
+    program.md  +  best-so-far block  +  surviving records (experiments and notes)
+
+When the context passes its token budget the memory policy acts, always through
+``WorkingMemory.prune_context(memory_note, delete_ids)`` followed by a new note record
+with a fresh id (so a later action can delete that note and fold it into a new one):
+
+- ``heuristic``: keep the best experiment's record and the last ``keep_last`` records,
+  fold everything else (older notes included) into one note of running statistics;
+- ``policy:MODEL_DIR``: the served memact policy is asked for a ``prune_context`` call;
+  a bad call falls back to the heuristic and is logged;
+- ``none``: never prunes.
+
+Token counts use a proxy, since no tokenizer is involved here: the number of words and
+punctuation marks (regex ``\\w+|[^\\w\\s]``). It tracks BPE token counts of English and
+code to within a factor of about 1.3, which is what a budget needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from memact.env.memory import IdSource, MemoryActionError, Record, WorkingMemory
+from memact.research.endpoint import Endpoint, EndpointError
+from memact.research.proposers import find_constants
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+KEEP_LAST = 4  # the heuristic keeps this many most recent records unpruned
+
+
+def count_tokens(text: str) -> int:
+    """Context length proxy: words plus punctuation marks."""
+    return len(_TOKEN_RE.findall(text))
+
+
+def diff_summary(old: str, new: str) -> str:
+    """A few words on what changed in train.py: the constants touched, or lines added/removed."""
+    try:
+        before = {k: v[3] for k, v in find_constants(old).items()}
+        after = {k: v[3] for k, v in find_constants(new).items()}
+    except SyntaxError:
+        before = after = {}
+    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    added = removed = 0
+    for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0):
+        if line.startswith("+") and not line.startswith("+++"):
+            added += 1
+        elif line.startswith("-") and not line.startswith("---"):
+            removed += 1
+    if changed and added == removed == len(changed):
+        return "constants " + ",".join(changed)
+    return f"+{added}/-{removed} lines"
+
+
+@dataclass
+class Outcome:
+    """What one experiment did, as the history records it."""
+
+    experiment: int
+    status: str
+    val_bpb: float | None
+    description: str
+    diff: str
+    commit: str = ""
+
+    def line(self, record_id: str) -> str:
+        bpb = "crash" if self.val_bpb is None else f"{self.val_bpb:.4f}"
+        return f"[{record_id}] exp {self.experiment} {self.status} val_bpb={bpb} | {self.description} | {self.diff}"
+
+
+class ResearchMemory:
+    """The agent's context: a fixed head (program + best so far) and records that can be pruned.
+
+    Also keeps the unpruned "shadow" length: what the context would be had no record ever
+    been deleted, so that a run logs both curves from one history.
+    """
+
+    def __init__(self, program_text: str, seed: int = 0):
+        self.program_text = program_text.rstrip() + "\n"
+        self.seed = seed
+        self._ids = IdSource(seed)
+        self.ids_drawn = 0
+        self.memory = WorkingMemory(head_id=self._new_id())
+        self.shadow_record_tokens = 0  # sum over every record ever added
+
+    def _new_id(self) -> str:
+        self.ids_drawn += 1
+        return self._ids()
+
+    # ---- building the context ----
+
+    def add_outcome(self, outcome: Outcome) -> Record:
+        rid = self._new_id()
+        text = outcome.line(rid)
+        record = Record(
+            record_id=rid,
+            assistant_text=outcome.description,
+            response_text=text,
+            kind="tool",
+            meta={
+                "experiment": outcome.experiment,
+                "status": outcome.status,
+                "val_bpb": outcome.val_bpb,
+                "description": outcome.description,
+                "diff": outcome.diff,
+                "commit": outcome.commit,
+            },
+        )
+        self.memory.append(record)
+        self.shadow_record_tokens += count_tokens(text)
+        return record
+
+    def add_note(self, text: str, meta: dict[str, Any]) -> Record:
+        """Append a note record (the memory a prune_context call leaves behind)."""
+        rid = self._new_id()
+        record = Record(rid, assistant_text="prune_context", response_text=f"[{rid}] note: {text}", kind="memory",
+                        meta=dict(meta, note=text))
+        self.memory.append(record)
+        return record
+
+    def head_text(self, best_block: str) -> str:
+        return f"{self.program_text}\n## Best so far\n{best_block.rstrip()}\n\n## Experiment history\n"
+
+    def context_text(self, best_block: str) -> str:
+        lines = [r.response_text for r in self.memory.records]
+        return self.head_text(best_block) + "\n".join(lines) + ("\n" if lines else "")
+
+    def tokens(self, best_block: str) -> int:
+        return count_tokens(self.context_text(best_block))
+
+    def unpruned_tokens(self, best_block: str) -> int:
+        return count_tokens(self.head_text(best_block)) + self.shadow_record_tokens
+
+    def record_of_experiment(self, experiment: int) -> Record | None:
+        for r in self.memory.records:
+            if r.kind == "tool" and r.meta.get("experiment") == experiment:
+                return r
+        return None
+
+    # ---- acting on it ----
+
+    def apply_prune(self, note: str, delete_ids: Any, note_meta: dict[str, Any] | None = None) -> Record:
+        """``prune_context(note, delete_ids)`` then the note record; all or nothing.
+
+        Raises MemoryActionError (from WorkingMemory) for a bad call, leaving memory as it was.
+        """
+        self.memory.prune_context(note, delete_ids)
+        return self.add_note(note, note_meta or {})
+
+    # ---- persistence (state.json) ----
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "ids_drawn": self.ids_drawn,
+            "head_id": self.memory.head_id,
+            "shadow_record_tokens": self.shadow_record_tokens,
+            "records": [
+                {"record_id": r.record_id, "assistant_text": r.assistant_text, "response_text": r.response_text,
+                 "kind": r.kind, "meta": r.meta}
+                for r in self.memory.records
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, program_text: str, data: dict[str, Any]) -> ResearchMemory:
+        mem = cls(program_text, seed=int(data["seed"]))
+        while mem.ids_drawn < int(data["ids_drawn"]):  # replay the id source to where it was
+            mem._new_id()
+        mem.memory.head_id = data["head_id"]
+        mem.shadow_record_tokens = int(data["shadow_record_tokens"])
+        for r in data["records"]:
+            mem.memory.append(Record(r["record_id"], r["assistant_text"], r["response_text"], r["kind"],
+                                     meta=r["meta"]))
+        return mem
+
+
+# ---- Memory policies ----------------------------------------------------------------------
+
+
+class MemoryPolicy(Protocol):
+    name: str
+
+    def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        """Prune ``memory`` if its context is over ``budget`` tokens; return what was done."""
+        ...
+
+
+def _fold(records: list[Record]) -> dict[str, Any]:
+    """Running statistics over experiment records and earlier notes (notes merge their stats)."""
+    stats: dict[str, Any] = {"runs": 0, "status": {}, "tried": {}, "first": None, "last": None, "best": None,
+                             "kept": [], "other_notes": ""}
+    for r in records:
+        m = r.meta
+        parts = [m] if r.kind == "tool" else []
+        if r.kind == "memory" and "runs" in m:  # a heuristic note: merge its statistics
+            stats["runs"] += m["runs"]
+            for k, v in m["status"].items():
+                stats["status"][k] = stats["status"].get(k, 0) + v
+            for k, (n, kept) in m["tried"].items():
+                t = stats["tried"].setdefault(k, [0, 0])
+                t[0] += n
+                t[1] += kept
+            stats["kept"] = (stats["kept"] + m["kept"])[-3:]
+            for key, pick in (("first", min), ("last", max)):
+                if m[key] is not None:
+                    stats[key] = m[key] if stats[key] is None else pick(stats[key], m[key])
+            if m["best"] and (stats["best"] is None or m["best"][1] < stats["best"][1]):
+                stats["best"] = m["best"]
+            stats["other_notes"] = (stats["other_notes"] + " " + m.get("other_notes", "")).strip()[:200]
+        elif r.kind == "memory":  # a note someone else wrote: keep its start
+            stats["other_notes"] = (stats["other_notes"] + " " + m.get("note", "")).strip()[:200]
+        for e in parts:
+            stats["runs"] += 1
+            stats["status"][e["status"]] = stats["status"].get(e["status"], 0) + 1
+            exp = e["experiment"]
+            stats["first"] = exp if stats["first"] is None else min(stats["first"], exp)
+            stats["last"] = exp if stats["last"] is None else max(stats["last"], exp)
+            diff = e.get("diff", "")
+            names = diff[len("constants "):].split(",") if diff.startswith("constants ") else ["other edits"]
+            for name in names:
+                t = stats["tried"].setdefault(name, [0, 0])
+                t[0] += 1
+                t[1] += e["status"] == "keep"
+            if e["status"] == "keep":
+                stats["kept"] = (stats["kept"] + [f"exp {exp}: {e['description'][:80]}"])[-3:]
+            if e["val_bpb"] is not None and (stats["best"] is None or e["val_bpb"] < stats["best"][1]):
+                stats["best"] = [exp, e["val_bpb"], e["description"][:80]]
+    return stats
+
+
+def _note_text(stats: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(stats["status"].items()))
+    text = f"experiments {stats['first']}-{stats['last']} summarised ({stats['runs']} runs: {counts})."
+    if stats["best"]:
+        exp, bpb, desc = stats["best"]
+        text += f" Best of them: {bpb:.4f} (exp {exp}: {desc})."
+    tried = ", ".join(f"{k} {n}x/{kept} kept" for k, (n, kept) in sorted(stats["tried"].items()))
+    if tried:
+        text += f" Tried: {tried}."
+    if stats["kept"]:
+        text += " Last kept: " + "; ".join(stats["kept"]) + "."
+    if stats["other_notes"]:
+        text += f" Earlier notes: {stats['other_notes']}"
+    return text
+
+
+class HeuristicMemory:
+    """Keep the best experiment's record and the last ``keep_last`` records; summarise the rest."""
+
+    name = "heuristic"
+
+    def __init__(self, keep_last: int = KEEP_LAST):
+        self.keep_last = keep_last
+
+    def prune(self, memory: ResearchMemory, best_experiment: int | None) -> str:
+        records = memory.memory.records
+        protected = {r.record_id for r in records[-self.keep_last :]} if self.keep_last else set()
+        best = memory.record_of_experiment(best_experiment) if best_experiment is not None else None
+        if best is not None:
+            protected.add(best.record_id)
+        doomed = [r for r in records if r.record_id not in protected]
+        stats = _fold(doomed)
+        text = _note_text(stats)
+        # Folding must shrink the context: one record into one note, or a note longer than
+        # what it replaces, only churns ids.
+        if len(doomed) < 2 or count_tokens(text) + 4 >= sum(count_tokens(r.response_text) for r in doomed):
+            return "heuristic: nothing worth folding"
+        note = memory.apply_prune(text, [r.record_id for r in doomed], stats)
+        return f"heuristic: folded {len(doomed)} records into {note.record_id}"
+
+    def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        if memory.tokens(best_block) <= budget:
+            return ""
+        return self.prune(memory, best_experiment)
+
+
+class NoMemory:
+    """Never prune: the context grows with every experiment."""
+
+    name = "none"
+
+    def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        return ""
+
+
+PRUNE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "prune_context",
+        "description": "Delete records from your working memory and leave one note in their place.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "memory": {"type": "string", "description": "the note that replaces the deleted records"},
+                "delete_ids": {"type": "array", "items": {"type": "string"}, "description": "record ids to delete"},
+            },
+            "required": ["memory", "delete_ids"],
+        },
+    },
+}
+
+MEMORY_PROMPT = """\
+Your context is {tokens} tokens, over its budget of {budget}. Call prune_context once: delete
+the experiment records and notes you no longer need (by their [id]) and write a memory note
+that keeps what matters for the next proposals."""
+
+
+def parse_prune_call(message: dict[str, Any]) -> tuple[Any, Any]:
+    """(memory, delete_ids) from a chat message: a tool call, or a JSON object in its text.
+
+    Raises MemoryActionError when neither is there.
+    """
+    calls = message.get("tool_calls") or []
+    raw: Any = None
+    for call in calls:
+        fn = call.get("function", {})
+        if fn.get("name") == "prune_context":
+            raw = fn.get("arguments")
+            break
+    if raw is None:  # a served model whose chat template puts the call in the text
+        match = re.search(r"\{.*\}", message.get("content") or "", flags=re.DOTALL)
+        raw = match.group(0) if match else None
+    if raw is None:
+        raise MemoryActionError("the policy answered without a prune_context call")
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as err:
+        raise MemoryActionError(f"prune_context arguments are not JSON: {err}") from err
+    if isinstance(args, dict) and "arguments" in args:  # {"name": ..., "arguments": {...}}
+        args = args["arguments"]
+    if not isinstance(args, dict):
+        raise MemoryActionError(f"prune_context arguments must be an object, got {type(args).__name__}")
+    return args.get("memory"), args.get("delete_ids")
+
+
+class PolicyMemory:
+    """The served memact policy decides the prune_context call; a bad call falls back to the heuristic."""
+
+    name = "policy"
+
+    def __init__(self, endpoint: Endpoint, fallback: HeuristicMemory | None = None):
+        self.endpoint = endpoint
+        self.fallback = fallback or HeuristicMemory()
+
+    def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        tokens = memory.tokens(best_block)
+        if tokens <= budget:
+            return ""
+        prompt = memory.context_text(best_block) + "\n" + MEMORY_PROMPT.format(tokens=tokens, budget=budget)
+        try:
+            message = self.endpoint.chat(
+                [{"role": "user", "content": prompt}], tools=[PRUNE_TOOL], tool_choice="required", temperature=0.0
+            )
+            note, delete_ids = parse_prune_call(message)
+            record = memory.apply_prune(note, delete_ids)
+        except (MemoryActionError, EndpointError) as err:
+            done = self.fallback.prune(memory, best_experiment)
+            return f"policy error ({str(err)[:120]}); fallback {done}"
+        return f"policy: deleted {len(delete_ids)} records, note {record.record_id}"
+
+
+def make_memory_policy(spec: str) -> MemoryPolicy:
+    """A memory policy from its command-line name: ``heuristic``, ``none`` or ``policy:MODEL_DIR``."""
+    kind, _, arg = spec.partition(":")
+    if spec == "heuristic":
+        return HeuristicMemory()
+    if spec == "none":
+        return NoMemory()
+    if kind == "policy" and arg:
+        return PolicyMemory(Endpoint.policy(arg))
+    raise ValueError(f"unknown memory {spec!r}: expected heuristic, none or policy:MODEL_DIR")

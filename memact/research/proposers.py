@@ -1,0 +1,223 @@
+"""Proposers: who suggests the next edit of train.py.
+
+Every proposer has one method, ``propose(context_text, best_source, experiment)``, and
+returns a :class:`Proposal` holding either the whole new source (``new_source``) or a
+unified diff (``patch``) that the loop applies with ``git apply``, all or nothing.
+
+- ``mutate``: an offline classical baseline. It perturbs the hyperparameter constants at
+  the top of train.py around the best version (seeded, multiplicative, within bounds). It
+  does not read the context: it is the fair "random search" a learned proposer must beat.
+- ``openai:MODEL``: a chat model behind an OpenAI-compatible endpoint writes a patch.
+- ``policy:MODEL_DIR``: the trained memact policy, served, reached the same way.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from memact.research.endpoint import Endpoint
+
+
+@dataclass
+class Proposal:
+    """One proposed experiment: a one-line description and either a new source or a patch."""
+
+    description: str
+    new_source: str | None = None
+    patch: str | None = None
+
+
+class Proposer(Protocol):
+    def propose(self, context_text: str, best_source: str, experiment: int) -> Proposal:
+        """The next edit of train.py, given the agent's context and the best source so far."""
+        ...
+
+
+# ---- Constants of train.py --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """How the mutate proposer may move one constant.
+
+    Attributes:
+        low, high: inclusive bounds, sane for both templates.
+        max_factor: a move multiplies by a factor drawn log-uniformly from
+            [1/max_factor, max_factor], at least MIN_FACTOR away from 1.
+        integer: the value is rounded to an int (and WIDTH to a multiple of N_HEADS).
+    """
+
+    low: float
+    high: float
+    max_factor: float
+    integer: bool
+
+
+TUNABLES = {
+    "LEARNING_RATE": Tunable(1e-5, 5e-2, 3.0, integer=False),
+    "WIDTH": Tunable(16, 4096, 1.6, integer=True),
+    "DEPTH": Tunable(1, 48, 2.0, integer=True),
+    "BATCH_SIZE": Tunable(1, 1024, 2.0, integer=True),
+    "WARMUP_STEPS": Tunable(1, 5000, 3.0, integer=True),
+}
+MIN_FACTOR = 1.25  # smaller moves are lost in run-to-run noise; not worth an experiment
+HEADS_NAME = "N_HEADS"  # WIDTH must stay a multiple of this constant
+
+
+def find_constants(source: str) -> dict[str, tuple[int, int, int, int | float]]:
+    """Module-level ``NAME = <number>`` assignments: name -> (line, start col, end col, value).
+
+    Lines are 1-based, columns index the value's text on that line. Only plain int and
+    float literals count, so a computed value is never rewritten.
+    """
+    found: dict[str, tuple[int, int, int, int | float]] = {}
+    for node in ast.parse(source).body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Constant)
+            and type(node.value.value) in (int, float)
+            and node.value.lineno == node.value.end_lineno
+        ):
+            v = node.value
+            found[node.targets[0].id] = (v.lineno, v.col_offset, v.end_col_offset, v.value)
+    return found
+
+
+def format_value(value: int | float) -> str:
+    """A short literal: ints as they are, floats with 3 significant digits."""
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(f"{value:.3g}"))
+
+
+def set_constants(source: str, values: dict[str, int | float]) -> str:
+    """``source`` with the literal of each named module-level constant replaced; comments kept."""
+    found = find_constants(source)
+    missing = [name for name in values if name not in found]
+    if missing:
+        raise ValueError(f"train.py has no numeric constant named {', '.join(missing)}")
+    lines = source.splitlines(keepends=True)
+    for name, value in values.items():
+        lineno, start, end, _ = found[name]
+        # ast columns count UTF-8 bytes; constants lines are ASCII up to the value.
+        line = lines[lineno - 1]
+        lines[lineno - 1] = line[:start] + format_value(value) + line[end:]
+    return "".join(lines)
+
+
+def _moved(rng: random.Random, name: str, value: int | float, heads: int) -> int | float | None:
+    """A new value for one constant, or None when no legal move exists from ``value``."""
+    spec = TUNABLES[name]
+    for _ in range(20):
+        log_f = rng.uniform(math.log(MIN_FACTOR), math.log(spec.max_factor)) * rng.choice((-1, 1))
+        new: int | float = value * math.exp(log_f)
+        if spec.integer:
+            unit = heads if name == "WIDTH" else 1
+            new = int(max(unit, round(new / unit) * unit))
+            if new == value:  # small ints: round back to the same value, take one unit step
+                new = value + unit * (1 if log_f > 0 else -1)
+        else:
+            new = float(format_value(new))
+        new = min(max(new, spec.low), spec.high)
+        if spec.integer and name == "WIDTH":
+            new = new - new % heads
+        if new != value and spec.low <= new <= spec.high:
+            return new
+    return None
+
+
+class MutateProposer:
+    """Random multiplicative perturbation of 1-2 hyperparameter constants around the best.
+
+    The RNG is seeded from ``(seed, experiment)``, so a resumed run proposes what the
+    interrupted one would have.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def propose(self, context_text: str, best_source: str, experiment: int) -> Proposal:
+        rng = random.Random(f"mutate-{self.seed}-{experiment}")
+        constants = {name: c[3] for name, c in find_constants(best_source).items()}
+        names = [n for n in TUNABLES if n in constants]
+        if not names:
+            raise ValueError(f"train.py defines none of the tunable constants {', '.join(TUNABLES)}")
+        heads = int(constants.get(HEADS_NAME, 1))
+        n_moves = 1 if rng.random() < 0.7 or len(names) == 1 else 2
+        changes: dict[str, int | float] = {}
+        for name in rng.sample(names, len(names)):
+            new = _moved(rng, name, constants[name], heads)
+            if new is not None:
+                changes[name] = new
+            if len(changes) == n_moves:
+                break
+        if not changes:
+            raise ValueError("no tunable constant of train.py can move within its bounds")
+        description = "; ".join(
+            f"{n} {format_value(constants[n])} -> {format_value(v)}" for n, v in sorted(changes.items())
+        )
+        return Proposal(description=description, new_source=set_constants(best_source, changes))
+
+
+# ---- Language-model proposers ---------------------------------------------------------------
+
+SYSTEM_PROMPT = """\
+You are a research agent improving a training script. Follow the rules in the program below.
+Each turn you propose exactly one experiment: one edit of train.py."""
+
+REPLY_FORMAT = """\
+Propose the next experiment. Answer with one line
+DESCRIPTION: <what you change and why, under 100 characters>
+followed by a unified diff of train.py in a ```diff block, with headers
+--- a/train.py and +++ b/train.py and a few lines of unchanged context around each change."""
+
+
+def parse_reply(text: str) -> Proposal:
+    """The description and patch in a model's reply; the patch is empty when none is found."""
+    match = re.search(r"^\s*DESCRIPTION:\s*(.+)$", text, flags=re.MULTILINE | re.IGNORECASE)
+    description = match.group(1).strip() if match else "(no description)"
+    fenced = re.search(r"```(?:diff|patch)?[ \t]*\n(.*?)```", text, flags=re.DOTALL)
+    if fenced:
+        patch = fenced.group(1)
+    else:
+        start = re.search(r"^(diff --git|--- )", text, flags=re.MULTILINE)
+        patch = text[start.start() :] if start else ""
+    # Models often drop git's a/ and b/ prefixes; git apply strips one path component.
+    patch = re.sub(r"^--- (?!a/|/dev/null)(\S+)", r"--- a/\1", patch, flags=re.MULTILINE)
+    patch = re.sub(r"^\+\+\+ (?!b/|/dev/null)(\S+)", r"+++ b/\1", patch, flags=re.MULTILINE)
+    return Proposal(description=description[:200], patch=patch)
+
+
+class ChatProposer:
+    """A chat model that answers with a description and a unified diff of train.py."""
+
+    def __init__(self, endpoint: Endpoint, temperature: float = 0.7):
+        self.endpoint = endpoint
+        self.temperature = temperature
+
+    def propose(self, context_text: str, best_source: str, experiment: int) -> Proposal:
+        user = f"{context_text}\n\n## Current best train.py\n```python\n{best_source}```\n\n{REPLY_FORMAT}"
+        message = self.endpoint.chat(
+            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
+            temperature=self.temperature,
+        )
+        return parse_reply(message.get("content") or "")
+
+
+def make_proposer(spec: str, seed: int = 0) -> Proposer:
+    """A proposer from its command-line name: ``mutate``, ``openai:MODEL`` or ``policy:MODEL_DIR``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "mutate" and not arg:
+        return MutateProposer(seed)
+    if kind == "openai":
+        return ChatProposer(Endpoint.openai(arg))
+    if kind == "policy" and arg:
+        return ChatProposer(Endpoint.policy(arg))
+    raise ValueError(f"unknown proposer {spec!r}: expected mutate, openai:MODEL or policy:MODEL_DIR")

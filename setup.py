@@ -1,0 +1,37 @@
+"""memact: train LLM agents to manage their own working memory (MemAct + DCPO)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="memact",
+    version="0.1.0",
+    description="Memory-as-Action agents trained with Dynamic Context Policy Optimization",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["memact", "memact.*"]) + ["memact_kernels"],
+    package_dir={"memact_kernels": "kernels"},
+    include_package_data=True,
+    package_data={"memact": ["configs/*.yaml"]},
+    install_requires=[
+        # torch is deliberately unpinned here: vLLM pins its own; the Makefile pins the CPU wheel.
+        "torch",
+        "transformers>=5.17,<5.20",
+        "tokenizers",
+        "deepspeed",
+        "peft",
+        "datasets",
+        "bm25s",
+        "wandb",
+        "rich",
+        "matplotlib",
+        "omegaconf",
+        "pyyaml",
+        "numpy",
+    ],
+    extras_require={
+        "gpu": ["vllm", "flash-attn"],
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["memact=memact.cli:main"]},
+)
