@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/memact demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check memact kernels tests scripts benchmarks

@@ -26,6 +26,7 @@ class Call:
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: str = "stop"
+    kind: str = ""  # what the env made of it: tool | memory | error | final | broken
 
     def to_json(self) -> dict[str, Any]:
         return {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "logprobs": self.logprobs}
@@ -86,9 +87,11 @@ class Episode:
         broken = self.env.budget.broken(len(prompt) + len(gen.output_ids), len(self.calls))
         if broken:
             self.broken, self.done = broken, True
+            self.calls[-1].kind = "broken"
             return None
         text = self.renderer.decode(gen.output_ids)
         result = self.env.step(parse_action(text), text)
+        self.calls[-1].kind = result.kind
         if result.done:
             self.done = True
             return result
