@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS = [
     ("memact.policy.cli_model", "new-model: build a tiny Qwen-architecture model and tokenizer"),
     ("memact.policy.cli_rollout", "rollout: run episodes and write trajectories with DCPO segments"),
+    ("memact.eval.cli", "eval: accuracy against context length for policies and memory strategies"),
     ("memact.research.cli", "research: autoresearch loop whose history the memory policy curates"),
 ]
 

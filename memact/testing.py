@@ -25,7 +25,9 @@ def check_invariants(calls, segments) -> None:
     assert trained == generated
     assert sum(sum(s.loss_mask) for s in segments) == len(generated)
     assert sorted(seg_of) == list(range(len(calls)))
-    # A new segment starts exactly after each context edit.
+    # A new segment starts exactly after each context edit: the policy's own memory action,
+    # a summary, or an edit a strategy made just before the call.
     for i in range(1, len(calls)):
         starts_new = seg_of[i] != seg_of[i - 1]
-        assert starts_new == (calls[i - 1].kind == "memory"), (i, calls[i - 1].kind)
+        edited = calls[i - 1].kind in ("memory", "summary") or getattr(calls[i], "edited_before", False)
+        assert starts_new == edited, (i, calls[i - 1].kind)

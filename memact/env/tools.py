@@ -68,6 +68,22 @@ class BM25Search:
         return [self.documents[int(d)] for d, s in zip(docs[0], scores[0]) if s > 0]
 
 
+_SHARED: dict[int, BM25Search] = {}
+
+
+def shared_index(documents: list[str]) -> BM25Search:
+    """The search index of a corpus; large corpora shared by many tasks are indexed once."""
+    if len(documents) < 1000:
+        return BM25Search(documents)
+    key = id(documents)
+    index = _SHARED.get(key)
+    if index is None or index.documents is not documents:
+        if len(_SHARED) >= 4:
+            _SHARED.clear()
+        index = _SHARED[key] = BM25Search(documents)
+    return index
+
+
 @dataclass
 class Action:
     """A parsed assistant turn.
@@ -118,7 +134,7 @@ class AgentEnv:
     @property
     def search(self) -> BM25Search:
         if self._search_index is None:  # built on first use: indexing costs more than the episode setup
-            self._search_index = BM25Search(self.task.documents)
+            self._search_index = shared_index(self.task.documents)
         return self._search_index
 
     @property
@@ -143,6 +159,10 @@ class AgentEnv:
             return self._prune(action.arguments, assistant_text)
         names = ", ".join(t["name"] for t in self.tools)
         return self._error(f"unknown tool {action.name!r}; available tools: {names}", assistant_text)
+
+    def add_record(self, text: str, assistant_text: str, kind: str, **meta: Any) -> StepResult:
+        """Append a record with a new id (used by strategies that edit the context)."""
+        return self._append(text, assistant_text, kind, **meta)
 
     def _append(self, text: str, assistant_text: str, kind: str, **meta: Any) -> StepResult:
         rid = self.new_id()

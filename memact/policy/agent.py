@@ -14,8 +14,9 @@ from typing import Any
 from memact.env.memory import Budget, Record
 from memact.env.task import Task
 from memact.env.tools import AgentEnv, StepResult
-from memact.policy.chat import SYSTEM_PROMPT, SYSTEM_PROMPT_NO_MEMORY, ChatRenderer, parse_action
+from memact.policy.chat import IM_END, IM_START, SYSTEM_PROMPT, SYSTEM_PROMPT_NO_MEMORY, ChatRenderer, parse_action
 from memact.policy.engines import Engine, Generation, SamplingParams
+from memact.policy.strategies import SUMMARY_REQUEST, SUMMARY_SAVED, Strategy
 
 
 @dataclass
@@ -26,7 +27,8 @@ class Call:
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: str = "stop"
-    kind: str = ""  # what the env made of it: tool | memory | error | final | broken
+    kind: str = ""  # what the env made of it: tool | memory | error | final | summary | broken
+    edited_before: bool = False  # a strategy edited the context just before this call
 
     def to_json(self) -> dict[str, Any]:
         return {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "logprobs": self.logprobs}
@@ -49,13 +51,18 @@ class Trajectory:
 class Episode:
     """One task in flight: env, working memory as token spans, and the call log."""
 
-    def __init__(self, task: Task, renderer: ChatRenderer, seed: int, memory_tool: bool, budget: Budget,
+    def __init__(self, task: Task, renderer: ChatRenderer, seed: int, strategy: Strategy, budget: Budget,
                  group: int = 0):
         self.task = task
         self.renderer = renderer
-        self.env = AgentEnv(task, seed=seed, memory_tool=memory_tool, budget=budget)
-        system = SYSTEM_PROMPT if memory_tool else SYSTEM_PROMPT_NO_MEMORY
+        self.strategy = strategy
+        self.env = AgentEnv(task, seed=seed, memory_tool=strategy.memory_tool, budget=budget)
+        system = SYSTEM_PROMPT if strategy.memory_tool else SYSTEM_PROMPT_NO_MEMORY
         self.head_ids = renderer.head_ids(system, self.env.user_text(), self.env.tools)
+        self._summary_request_ids = renderer.encode(f"{IM_START}user\n{SUMMARY_REQUEST}{IM_END}\n")
+        self.summarizing = False
+        self.strategy_edits = 0
+        self._edited = False
         self.calls: list[Call] = []
         self.context_lengths: list[int] = []
         self.done = False
@@ -70,6 +77,21 @@ class Episode:
     def prompt_ids(self) -> list[int]:
         return self.renderer.prompt_ids(self.head_ids, self.records)
 
+    def next_prompt(self) -> list[int]:
+        """The next call's prompt, after the strategy had its say."""
+        st = self.strategy
+        if st.name == "sliding_window" and len(self.records) > st.window:
+            self.env.memory.drop([r.record_id for r in self.records[:-st.window]])
+            self.strategy_edits += 1
+            self._edited = True
+        prompt = self.prompt_ids()
+        if st.name == "summarize" and self.records and len(prompt) > st.summarize_at * self.env.budget.max_context_tokens:
+            # Ask for a summary: the request is a user turn after the history.
+            self.summarizing = True
+            gen = self.renderer.generation_prompt_ids
+            prompt = prompt[:len(prompt) - len(gen)] + self._summary_request_ids + gen
+        return prompt
+
     def check_before_call(self, prompt: list[int]) -> bool:
         """End the episode if the next call would break a budget; True if it may go on."""
         broken = self.env.budget.broken(len(prompt), len(self.calls) + 1)
@@ -82,7 +104,9 @@ class Episode:
         if gen.error is not None:
             self.error, self.done = gen.error, True
             return None
-        self.calls.append(Call(prompt, list(gen.output_ids), list(gen.logprobs), gen.finish_reason))
+        self.calls.append(Call(prompt, list(gen.output_ids), list(gen.logprobs), gen.finish_reason,
+                               edited_before=self._edited))
+        self._edited = False
         self.context_lengths.append(len(prompt) + len(gen.output_ids))
         broken = self.env.budget.broken(len(prompt) + len(gen.output_ids), len(self.calls))
         if broken:
@@ -90,6 +114,8 @@ class Episode:
             self.calls[-1].kind = "broken"
             return None
         text = self.renderer.decode(gen.output_ids)
+        if self.summarizing:
+            return self._replace_with_summary(gen, text)
         result = self.env.step(parse_action(text), text)
         self.calls[-1].kind = result.kind
         if result.done:
@@ -99,12 +125,23 @@ class Episode:
         record.ids = self.renderer.record_ids(gen.output_ids, result.response_text)
         return result
 
+    def _replace_with_summary(self, gen: Generation, text: str) -> StepResult:
+        """The summary becomes the only record; the request turn is not kept."""
+        self.summarizing = False
+        self.env.memory.drop(self.env.memory.ids())
+        result = self.env.add_record(SUMMARY_SAVED, text.replace(IM_END, ""), "summary", summary=text)
+        self.env.memory.get(result.record_id).ids = self.renderer.record_ids(gen.output_ids, result.response_text)
+        self.calls[-1].kind = "summary"
+        self.strategy_edits += 1
+        return result
+
     def finish(self) -> Trajectory:
         reward = self.env.reward(self.broken or self.error)
         prompt_lens = [len(c.prompt_ids) for c in self.calls]
         metrics = {
             "steps": len(self.calls),
             "memory_actions": self.env.memory_actions,
+            "strategy_edits": self.strategy_edits,
             "invalid_actions": self.env.invalid_actions,
             "peak_context_tokens": max(self.context_lengths, default=len(self.head_ids)),
             "mean_context_tokens": sum(prompt_lens) / len(prompt_lens) if prompt_lens else 0.0,
@@ -124,7 +161,7 @@ def run_episodes(
     renderer: ChatRenderer,
     sampling: SamplingParams,
     budget: Budget | None = None,
-    memory_tool: bool = True,
+    strategy: Strategy | str = "memact",
     seed: int = 0,
     groups: list[int] | None = None,
     progress: bool = True,
@@ -137,14 +174,18 @@ def run_episodes(
         renderer: token-span renderer of the policy's tokenizer.
         sampling: sampling parameters of every call.
         budget: context and step limits.
-        memory_tool: offer ``prune_context``.
+        strategy: how context is managed (``memact``, ``full``, ``sliding_window``,
+            ``summarize``; a :class:`Strategy` or its spec string).
         seed: episode i seeds its record ids with ``seed + i``.
         groups: group index of each task (trajectories of one prompt share it).
         progress: show a progress bar on stderr.
     """
+    from memact.policy.strategies import parse_strategy
+
+    strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
     budget = budget or Budget()
     groups = groups if groups is not None else list(range(len(tasks)))
-    episodes = [Episode(t, renderer, seed + i, memory_tool, budget, g) for i, (t, g) in enumerate(zip(tasks, groups))]
+    episodes = [Episode(t, renderer, seed + i, strategy, budget, g) for i, (t, g) in enumerate(zip(tasks, groups))]
     bar = _Progress(len(episodes), enabled=progress)
     try:
         while True:
@@ -152,7 +193,7 @@ def run_episodes(
             for ep in episodes:
                 if ep.done:
                     continue
-                prompt = ep.prompt_ids()
+                prompt = ep.next_prompt()
                 if ep.check_before_call(prompt):
                     active.append(ep)
                     prompts.append(prompt)

@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest turn in tokens")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for scripted policies "
                    "(default: the tokenizer `memact new-model` trains)")
+    p.add_argument("--strategy", default=None,
+                   help="memact | full | sliding_window[:K] | summarize[:F] (default: memact; full for scripted-nomem)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     trajs = rollout(
         args.policy, args.objectives, args.n, seed=args.seed, budget=Budget(args.context_budget, args.max_steps),
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens),
-        tokenizer_dir=args.tokenizer, progress=not args.quiet,
+        tokenizer_dir=args.tokenizer, progress=not args.quiet, strategy=args.strategy,
     )
     write_jsonl_atomic(args.out, [trajectory_json(t) for t in trajs])
     s = summarize(trajs)

@@ -11,8 +11,9 @@ OpenAI-compatible engines plug into the same seam.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

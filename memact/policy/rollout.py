@@ -20,6 +20,7 @@ from memact.policy.agent import Trajectory, run_episodes
 from memact.policy.chat import ChatRenderer
 from memact.policy.engines import HFEngine, SamplingParams, ScriptedEngine
 from memact.policy.scripted import ScriptedExpert
+from memact.policy.strategies import parse_strategy
 
 SCRIPTED = ("scripted", "scripted-nomem")
 
@@ -44,13 +45,17 @@ class PolicyHandle:
     name: str
 
 
-def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, seed: int = 0) -> PolicyHandle:
-    """An engine for a policy spec (``scripted``, ``scripted-nomem`` or a model directory)."""
+def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, seed: int = 0,
+                memory: bool | None = None) -> PolicyHandle:
+    """An engine for a policy spec (``scripted``, ``scripted-nomem`` or a model directory).
+
+    ``memory`` overrides whether a scripted expert uses ``prune_context`` (default: by spec).
+    """
     from memact.policy.model import load_policy, load_tokenizer
 
     if spec in SCRIPTED:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
-        memory = spec == "scripted"
+        memory = spec == "scripted" if memory is None else memory
         engine = ScriptedEngine(ScriptedExpert(tasks, memory=memory, seed=seed), tok)
         return PolicyHandle(engine, tok, memory, spec)
     path = Path(spec)
@@ -103,13 +108,19 @@ def summarize(trajs: list[Trajectory]) -> dict[str, float]:
     }
 
 
+def default_strategy(policy: str) -> str:
+    return "full" if policy == "scripted-nomem" else "memact"
+
+
 def rollout(policy: str, objectives: int, n: int, seed: int = 0, budget: Budget | None = None,
             sampling: SamplingParams | None = None, tokenizer_dir: str | None = None,
-            progress: bool = True) -> list[Trajectory]:
-    tasks = make_tasks(n, objectives, seed)
-    handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed)
+            progress: bool = True, strategy: str | None = None, tasks: list[Task] | None = None) -> list[Trajectory]:
+    """Run ``n`` episodes of ``policy`` on fresh tasks with ``objectives`` sub-questions (or on ``tasks``)."""
+    tasks = tasks if tasks is not None else make_tasks(n, objectives, seed)
+    st = parse_strategy(strategy or default_strategy(policy))
+    handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed, memory=st.memory_tool)
     renderer = ChatRenderer(handle.tokenizer)
     budget = budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
     sampling = sampling or SamplingParams()
-    return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, memory_tool=handle.memory_tool,
-                        seed=seed, progress=progress)
+    return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, strategy=st, seed=seed,
+                        progress=progress)

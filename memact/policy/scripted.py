@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from memact.env.task import FINAL_ANSWER, Task
 from memact.env.tools import tool_call_json
 from memact.policy.chat import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_action
+from memact.policy.strategies import SUMMARY_REQUEST, SUMMARY_SAVED
 
 _RECORD_RE = re.compile(
     re.escape(IM_START) + r"assistant\n(.*?)(?:" + re.escape(IM_END) + r")?\n"
@@ -24,15 +25,17 @@ _RECORD_RE = re.compile(
     re.DOTALL,
 )
 _USER_RE = re.compile(re.escape(IM_START) + r"user\n\[id: \w+\]\n(.*?)" + re.escape(IM_END), re.DOTALL)
-_NOTE_RE = re.compile(r"(Q\d+): ([^;]+)")
+_NOTE_RE = re.compile(r"(Q\d+): ([^;\n]+)")
+_KNOWN = "Known:"
 
 
 @dataclass
 class VisibleRecord:
     record_id: str
-    tool: str  # search | prune_context | invalid
+    tool: str  # search | prune_context | summary | invalid
     arguments: dict
     response: str
+    assistant: str = ""
 
 
 def parse_prompt(prompt: str) -> tuple[str, list[VisibleRecord]]:
@@ -43,8 +46,10 @@ def parse_prompt(prompt: str) -> tuple[str, list[VisibleRecord]]:
     records = []
     for assistant, rid, response in _RECORD_RE.findall(prompt[m.end():]):
         action = parse_action(assistant)
-        records.append(VisibleRecord(rid, action.name if action.kind == "tool" else "invalid", action.arguments,
-                                     response))
+        tool = action.name if action.kind == "tool" else "invalid"
+        if response == SUMMARY_SAVED:
+            tool = "summary"
+        records.append(VisibleRecord(rid, tool, action.arguments, response, assistant))
     return m.group(1), records
 
 
@@ -79,8 +84,13 @@ class ScriptedExpert:
         rng = random.Random(zlib.crc32(prompt.encode()) ^ self.seed)
         noted: dict[str, str] = {}
         for r in records:
+            # Notes live in prune_context calls, summaries, and the "Known:" line of no-memory turns.
             if r.tool == "prune_context":
                 noted.update({k: v.strip() for k, v in _NOTE_RE.findall(str(r.arguments.get("memory", "")))})
+            elif r.tool == "summary":
+                noted.update({k: v.strip() for k, v in _NOTE_RE.findall(r.assistant)})
+            elif r.assistant.startswith(_KNOWN):
+                noted.update({k: v.strip() for k, v in _NOTE_RE.findall(r.assistant.split("\n")[0])})
         found: dict[str, str] = {}
         searches: dict[str, int] = {}
         for q in task.questions:
@@ -98,6 +108,8 @@ class ScriptedExpert:
                    if searches.get(q.key, 0) >= 3 and q.key not in noted and q.key not in found}
         known = {**noted, **found, **gave_up}
         unanswered = [q for q in task.questions if q.key not in known]
+        if prompt.rstrip().endswith(f"{SUMMARY_REQUEST}{IM_END}\n{IM_START}assistant".rstrip()):
+            return self._note(task, known) or "Nothing found yet."
 
         if self.memory and found:
             pending = [q for q in task.questions if q.key in found]
@@ -107,13 +119,21 @@ class ScriptedExpert:
                 return self._search(unanswered[0], searches)
             if single and rng.random() < self.p_second_search:
                 return call_text("search", {"query": pending[0].query, "topk": 2})
-            note = "; ".join(f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known)
             delete = [r.record_id for r in records]
-            return call_text("prune_context", {"memory": note, "delete_ids": delete})
+            return call_text("prune_context", {"memory": self._note(task, known), "delete_ids": delete})
         if unanswered:
-            return self._search(unanswered[0], searches)
+            turn = self._search(unanswered[0], searches)
+            if not self.memory and known:
+                # Without a memory tool the expert carries what it knows in its own turns,
+                # so a sliding window or a summary does not lose it.
+                turn = f"{_KNOWN} {self._note(task, known)}\n{turn}"
+            return turn
         answer = {q.key: known[q.key] for q in task.questions}
         return f"{FINAL_ANSWER} {json.dumps(answer, ensure_ascii=False)}"
+
+    @staticmethod
+    def _note(task: Task, known: dict[str, str]) -> str:
+        return "; ".join(f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known)
 
     def _search(self, q, searches: dict[str, int]) -> str:
         n = searches.get(q.key, 0)

@@ -10,7 +10,6 @@ from memact.env.memory import Budget
 from memact.policy.engines import HFEngine, SamplingParams
 from memact.policy.model import load_policy
 from memact.policy.rollout import DEFAULT_CONTEXT_BUDGET, rollout, summarize
-
 from memact.testing import check_invariants
 
 

@@ -1,0 +1,364 @@
+"""One typed config tree for the SFT and DCPO trainers.
+
+Every field is declared here, once, with its unit and default in the docstring under it.
+YAML files in ``configs/`` only set values; ``load_config`` merges, in order: these
+defaults, the YAML file, then ``key=value`` overrides from the command line
+(``optim.lr=3e-4 rollout.n_traj=4``). A key that is not declared here is an error, so a
+typo in a YAML file or an override cannot be silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+DTYPES = ("float32", "bfloat16")
+SEGMENT_SAMPLING = ("all", "round_robin")
+LOSS_AGG = ("token_mean", "trajectory", "seq_mean")
+ADV_NORMS = ("std", "none")
+ADV_ESTIMATORS = ("grpo", "rloo")
+
+
+@dataclass
+class ArchitectureConfig:
+    """Shape of a model whose weights are not on this machine (dry runs, memory estimates).
+
+    Used only when ``model.path`` has no ``config.json``. Defaults are 0 (unset); a dry run
+    with neither a local config nor this block is an error.
+    """
+
+    model_type: str = "qwen2"
+    """Hugging Face ``model_type`` (``qwen2``, ``qwen3``, ``llama``); picks the config class."""
+    hidden_size: int = 0
+    """Width of the residual stream (Qwen2.5-14B: 5120)."""
+    num_hidden_layers: int = 0
+    """Decoder layers (Qwen2.5-14B: 48)."""
+    num_attention_heads: int = 0
+    """Query heads (Qwen2.5-14B: 40)."""
+    num_key_value_heads: int = 0
+    """Key/value heads, grouped-query attention (Qwen2.5-14B: 8)."""
+    intermediate_size: int = 0
+    """MLP inner width (Qwen2.5-14B: 13824)."""
+    vocab_size: int = 0
+    """Rows of the embedding and LM head (Qwen2.5-14B: 152064)."""
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the LM head (False for Qwen2.5-14B)."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy being trained."""
+
+    path: str = ""
+    """Local model directory (``config.json``, weights, tokenizer): a ``memact new-model`` output,
+    an SFT checkpoint, or a real checkpoint such as Qwen2.5-14B-Instruct. Required."""
+    architecture: Optional[ArchitectureConfig] = None
+    """Shape to use when ``path`` holds no ``config.json`` (dry runs only)."""
+    dtype: str = "float32"
+    """Training precision: ``float32``, or ``bfloat16`` (DeepSpeed bf16: bf16 weights and
+    activations, fp32 master weights in the optimizer). fp32 keeps the rollout/trainer
+    log-prob mismatch at rounding level on the CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 1/3 more compute)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: ``sdpa`` (CPU and GPU), ``flash_attention_2`` (GPU extra), ``eager``."""
+    fused_logprobs: bool = False
+    """Compute log-probs and entropy with ``memact_kernels.linear_logprobs`` (no [N, V]
+    logits in memory) instead of the LM head + log_softmax. Off by default."""
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft). Saved checkpoints have the adapters merged in."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scale numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0 keeps old and new log-probs comparable)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get adapters."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed shards and steps the model."""
+
+    config: str = "ds_zero1.json"
+    """DeepSpeed JSON (ZeRO stage, bf16, offload). A relative path is looked up next to the
+    YAML file first, then in the working directory, then in the packaged ``configs/``."""
+    zero_stage: Optional[int] = None
+    """Override the JSON's ZeRO stage (0-3); None keeps the JSON's."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO 1-3; the GPU holds params and grads)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (linear warm-up, then constant)."""
+
+    lr: float = 1e-6
+    """Peak learning rate (published DCPO: 1e-6; a from-scratch tiny model wants 1e-3..3e-3)."""
+    warmup_steps: int = 5
+    """Optimizer steps of linear warm-up from 0 to ``lr`` (published: 5)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam denominator epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient L2 norm to this; 0 disables clipping."""
+
+
+@dataclass
+class BatchConfig:
+    """Packing sequences into micro-batches."""
+
+    max_tokens_per_micro_batch: int = 4096
+    """Token budget of one micro-batch on one rank: rows x padded length, in tokens."""
+    max_seq_len: int = 2048
+    """Longest training sequence (prompt + response), in tokens; longer is an error."""
+    pad_to_multiple_of: int = 64
+    """Round each micro-batch's length up to this, in tokens: fewer distinct shapes, so the
+    CPU kernels (oneDNN) are not rebuilt every step."""
+
+
+@dataclass
+class RolloutConfig:
+    """How DCPO samples prompts and trajectories each step."""
+
+    objectives: int = 2
+    """Sub-questions per task (K); the curriculum knob."""
+    prompts_per_step: int = 4
+    """Distinct tasks (prompts) per step, over all ranks (published: 128)."""
+    n_traj: int = 8
+    """Trajectories per prompt: the group of the group-normalised advantage (published: 8)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 keeps the policy's distribution (the ratio needs it)."""
+    max_new_tokens: int = 128
+    """Longest assistant turn, in tokens."""
+    context_budget: int = 1040
+    """Largest context of one call, in tokens (published: 20K); breaking it ends the episode
+    with the penalty reward."""
+    max_steps: int = 40
+    """Largest number of turns of one episode (published: 40)."""
+    memory_tool: bool = True
+    """Offer ``prune_context`` to the agent."""
+    max_batch_size: int = 64
+    """Prompts per engine forward pass."""
+
+
+@dataclass
+class DCPOConfig:
+    """The algorithm: advantages, segment sampling and the loss."""
+
+    segment_sampling: str = "round_robin"
+    """``round_robin`` (``n_seg`` segments per prompt, one per trajectory per pass) or ``all``."""
+    n_seg: int = 12
+    """Segments drawn per prompt with ``round_robin`` (published: 12)."""
+    adv_norm: str = "std"
+    """``std`` (GRPO) or ``none`` (Dr.GRPO: centred, not scaled)."""
+    adv_estimator: str = "grpo"
+    """Baseline: ``grpo`` (group mean) or ``rloo`` (mean of the others)."""
+    clip_low: float = 0.2
+    """Ratio clip below: 1 - clip_low (published: 0.2)."""
+    clip_high: float = 0.2
+    """Ratio clip above: 1 + clip_high (clip-higher when > clip_low)."""
+    kl_coef: float = 0.001
+    """Weight of the k3 KL to the frozen initial model (published: 0.001); 0 skips the
+    reference model entirely."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    loss_agg: str = "token_mean"
+    """``token_mean``, ``trajectory`` (one trajectory one unit) or ``seq_mean``."""
+    ppo_epochs: int = 1
+    """Passes over each step's segments."""
+    mini_batches: int = 1
+    """Optimizer steps per pass: the step's prompts are split into this many groups."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised cold start on trajectories (``memact rollout`` JSONL)."""
+
+    data: str = ""
+    """Trajectories JSONL; every segment's loss-mask tokens are trained."""
+    epochs: int = 3
+    """Passes over the data."""
+    segments_per_step: int = 32
+    """Segments per optimizer step (the last step of an epoch may have fewer)."""
+    shuffle: bool = True
+    """Shuffle segments each epoch (seeded by ``run.seed`` and the epoch)."""
+
+
+@dataclass
+class RunConfig:
+    """Where and how long."""
+
+    out_dir: str = "runs/dcpo"
+    """Run directory: metrics.jsonl, config.yaml, checkpoints/."""
+    steps: int = 10
+    """DCPO steps (each: rollouts, then ``ppo_epochs * mini_batches`` optimizer steps)."""
+    seed: int = 0
+    """Seed of tasks, record ids, sampling, segment choice and shuffling."""
+    threads: int = 2
+    """torch CPU threads (on a loaded 2-core machine 1 can be faster)."""
+    save_every: int = 0
+    """Checkpoint every this many steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Newest step checkpoints kept; older ones are deleted (0 keeps all)."""
+    resume: str = ""
+    """Checkpoint directory to continue from (``checkpoints/step_XXXXXX``); empty starts fresh."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    progress: bool = True
+    """Rich progress bars on stderr."""
+    table_every: int = 5
+    """Print a metrics table every this many steps (0: never)."""
+    wandb: bool = False
+    """Log to Weights & Biases (``wandb_mode`` offline writes local files only)."""
+    wandb_project: str = "memact"
+    """W&B project name."""
+    wandb_mode: str = "offline"
+    """``offline`` or ``online``; the WANDB_MODE environment variable wins."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under ``out_dir/tb`` (needs the tensorboard package)."""
+
+
+@dataclass
+class Config:
+    """Everything a training run reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dcpo: DCPOConfig = field(default_factory=DCPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = ""
+    """The YAML file this config was loaded from (set by ``load_config``; resolves relative paths)."""
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+def configs_dir() -> Path:
+    """The repository's ``configs/`` (YAML presets and DeepSpeed JSONs)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, checked.
+
+    Args:
+        path: a YAML file; None uses the defaults only.
+        overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=1e-3", "run.steps=4"]``.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # yaml errors come in several types
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        where = f" in {str(path)!r}" if path is not None else ""
+        raise ConfigError(f"bad config{where}: {err}") from err
+    cfg.source = str(Path(path).resolve()) if path is not None else ""
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values no run could use, naming the key and what was expected."""
+    m, b, r, d, o = cfg.model, cfg.batch, cfg.rollout, cfg.dcpo, cfg.optim
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
+    _check(b.max_seq_len >= 2, "batch.max_seq_len", b.max_seq_len, ">= 2")
+    _check(b.pad_to_multiple_of >= 1, "batch.pad_to_multiple_of", b.pad_to_multiple_of, ">= 1")
+    _check(b.max_tokens_per_micro_batch >= b.max_seq_len, "batch.max_tokens_per_micro_batch",
+           b.max_tokens_per_micro_batch, f">= batch.max_seq_len ({b.max_seq_len}) so every sequence fits")
+    _check(r.objectives >= 1, "rollout.objectives", r.objectives, ">= 1")
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1")
+    _check(r.n_traj >= 1, "rollout.n_traj", r.n_traj, ">= 1 (>= 2 for a non-zero advantage)")
+    _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0 (0 is greedy)")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    _check(r.context_budget <= b.max_seq_len, "rollout.context_budget", r.context_budget,
+           f"<= batch.max_seq_len ({b.max_seq_len}): a segment can be as long as the context budget")
+    _check(d.segment_sampling in SEGMENT_SAMPLING, "dcpo.segment_sampling", d.segment_sampling,
+           f"one of {SEGMENT_SAMPLING}")
+    _check(d.n_seg >= 1, "dcpo.n_seg", d.n_seg, ">= 1")
+    _check(d.adv_norm in ADV_NORMS, "dcpo.adv_norm", d.adv_norm, f"one of {ADV_NORMS}")
+    _check(d.adv_estimator in ADV_ESTIMATORS, "dcpo.adv_estimator", d.adv_estimator, f"one of {ADV_ESTIMATORS}")
+    _check(d.loss_agg in LOSS_AGG, "dcpo.loss_agg", d.loss_agg, f"one of {LOSS_AGG}")
+    _check(d.clip_low >= 0 and d.clip_high >= 0, "dcpo.clip_low/clip_high", (d.clip_low, d.clip_high), ">= 0")
+    _check(d.kl_coef >= 0, "dcpo.kl_coef", d.kl_coef, ">= 0")
+    _check(d.ppo_epochs >= 1, "dcpo.ppo_epochs", d.ppo_epochs, ">= 1")
+    _check(1 <= d.mini_batches <= r.prompts_per_step, "dcpo.mini_batches", d.mini_batches,
+           f"in [1, rollout.prompts_per_step={r.prompts_per_step}]")
+    _check(cfg.sft.epochs >= 1, "sft.epochs", cfg.sft.epochs, ">= 1")
+    _check(cfg.sft.segments_per_step >= 1, "sft.segments_per_step", cfg.sft.segments_per_step, ">= 1")
+    _check(cfg.run.steps >= 0, "run.steps", cfg.run.steps, ">= 0")
+    _check(cfg.run.threads >= 1, "run.threads", cfg.run.threads, ">= 1")
+    _check(cfg.run.save_every >= 0, "run.save_every", cfg.run.save_every, ">= 0")
+    zs = cfg.deepspeed.zero_stage
+    _check(zs is None or zs in (0, 1, 2, 3), "deepspeed.zero_stage", zs, "None or 0-3")
+    _check(cfg.lora.r >= 1, "lora.r", cfg.lora.r, ">= 1")
+    _check(bool(cfg.lora.target_modules), "lora.target_modules", cfg.lora.target_modules, "a non-empty list")
+
+
+def resolve_path(cfg: Config, value: str, what: str) -> Path:
+    """A file named in the config: absolute, next to the YAML file, in the cwd, or in ``configs/``."""
+    p = Path(value)
+    candidates = [p] if p.is_absolute() else (
+        ([Path(cfg.source).parent / p] if cfg.source else []) + [Path.cwd() / p, configs_dir() / p]
+    )
+    for c in candidates:
+        if c.exists():
+            return c
+    raise ConfigError(f"{what}={value!r}: file not found (looked in {', '.join(str(c) for c in candidates)})")

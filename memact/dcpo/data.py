@@ -1,0 +1,213 @@
+"""Training sequences: from trajectories (JSONL or in memory) to padded micro-batches.
+
+A training sequence is one DCPO segment: ``tokens = prompt_ids + response_ids``; the model
+predicts ``tokens[1:]`` from ``tokens[:-1]``, and the targets that are trained are the
+response tokens whose loss mask is 1 (the generated ones). Everything per token below is
+aligned to the *targets*: position j holds the prediction of ``tokens[j + 1]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, line and segment."""
+
+
+@dataclass
+class TrainSequence:
+    """One segment ready for training.
+
+    Attributes:
+        tokens: [P + R] prompt ids then response ids.
+        prompt_len: P, tokens of the segment's context C_i.
+        loss_mask: [R] 1 on generated (trained) tokens, 0 on tool tokens.
+        rollout_logprobs: [R] engine log-probs of the generated tokens (0.0 elsewhere), nats.
+        advantage: the trajectory's advantage (DCPO; 0 for SFT).
+        traj_id: trajectory id, unique within the optimizer step (for the ``trajectory`` loss).
+        group: prompt index within the step.
+    """
+
+    tokens: list[int]
+    prompt_len: int
+    loss_mask: list[int]
+    rollout_logprobs: list[float]
+    advantage: float = 0.0
+    traj_id: int = 0
+    group: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_trained(self) -> int:
+        return sum(self.loss_mask)
+
+    @classmethod
+    def from_segment(cls, seg: Any, **kw: Any) -> TrainSequence:
+        """From a ``Segment`` or its JSON dict (``prompt_ids, response_ids, loss_mask, logprobs``)."""
+        get = (lambda k: seg[k]) if isinstance(seg, dict) else (lambda k: getattr(seg, k))
+        prompt, response = list(get("prompt_ids")), list(get("response_ids"))
+        return cls(prompt + response, len(prompt), list(get("loss_mask")), [float(x) for x in get("logprobs")], **kw)
+
+
+def read_trajectories(path: str | Path, max_seq_len: int) -> list[TrainSequence]:
+    """Every segment of a ``memact rollout`` JSONL file, checked before any training starts.
+
+    Each sequence's ``traj_id`` is its line's index (0-based), ``group`` the file's group field.
+
+    Raises:
+        DataError: unreadable file, a line that is not a JSON trajectory, a segment whose
+            fields disagree in length, or a segment longer than ``max_seq_len``; the message
+            names the line (1-based) and segment index.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"trajectories file {str(path)!r} does not exist")
+    out: list[TrainSequence] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
+                                "expected one trajectory object per line") from err
+            if not isinstance(row, dict) or not isinstance(row.get("segments"), list):
+                raise DataError(f"{where}: expected a trajectory object with a 'segments' list "
+                                "(as written by `memact rollout`)")
+            for s, seg in enumerate(row["segments"]):
+                out.append(_checked_segment(seg, f"{where} segment {s}", max_seq_len, lineno - 1,
+                                            int(row.get("group", 0))))
+    if not out:
+        raise DataError(f"trajectories file {str(path)!r} holds no segments")
+    return out
+
+
+def _checked_segment(seg: Any, where: str, max_seq_len: int, traj_id: int, group: int) -> TrainSequence:
+    keys = ("prompt_ids", "response_ids", "loss_mask", "logprobs")
+    if not isinstance(seg, dict) or any(not isinstance(seg.get(k), list) for k in keys):
+        raise DataError(f"{where}: expected an object with lists {', '.join(keys)}")
+    n_resp = len(seg["response_ids"])
+    if len(seg["loss_mask"]) != n_resp or len(seg["logprobs"]) != n_resp:
+        raise DataError(f"{where}: response_ids, loss_mask and logprobs must have the same length, got "
+                        f"{n_resp}, {len(seg['loss_mask'])}, {len(seg['logprobs'])}")
+    if not seg["prompt_ids"]:
+        raise DataError(f"{where}: empty prompt_ids")
+    n = len(seg["prompt_ids"]) + n_resp
+    if n > max_seq_len:
+        raise DataError(f"{where}: {n} tokens is longer than batch.max_seq_len={max_seq_len}; "
+                        "raise batch.max_seq_len or roll out with a smaller --context-budget")
+    if any(m not in (0, 1) for m in seg["loss_mask"]):
+        raise DataError(f"{where}: loss_mask must hold only 0 and 1")
+    return TrainSequence.from_segment(seg, traj_id=traj_id, group=group)
+
+
+def pack_micro_batches(lengths: list[int], max_tokens: int, pad_to_multiple_of: int = 1) -> list[list[int]]:
+    """Split sequences into micro-batches whose padded size (rows x length) fits ``max_tokens``.
+
+    Sequences are taken longest first so that rows of similar length share a batch (little
+    padding); the result is deterministic for given lengths.
+
+    Returns:
+        Lists of indices into ``lengths``; every index appears exactly once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_len = 0
+    for i in order:
+        width = padded_length(max(cur_len, lengths[i]), pad_to_multiple_of)
+        if cur and width * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, cur_len = [], 0
+            width = padded_length(lengths[i], pad_to_multiple_of)
+        if width > max_tokens:
+            raise ValueError(f"a sequence of {lengths[i]} tokens (padded {width}) exceeds the micro-batch "
+                             f"budget batch.max_tokens_per_micro_batch={max_tokens}")
+        cur.append(i)
+        cur_len = max(cur_len, lengths[i])
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def padded_length(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of a few sequences; per-token tensors are [B, L-1], aligned to targets.
+
+    Attributes:
+        input_ids: [B, L] right-padded tokens (padding is after every real token, so causal
+            attention never lets a real token see it: no attention mask is needed).
+        target_ids: [B, L-1] the token predicted at each position.
+        loss_mask: [B, L-1] bool, True where the target is a trained (generated) token.
+        rollout_logprobs: [B, L-1] engine log-probs on the mask, 0 elsewhere (nats).
+        advantages: [B] one advantage per sequence.
+        traj_index: [B] trajectory ids.
+        old_logprobs, ref_logprobs: [B, L-1] filled by the trainer (nats), or None.
+        index: positions of these sequences in the step's list.
+        n_real_tokens: tokens of the sequences before padding (throughput counts these).
+    """
+
+    input_ids: torch.Tensor
+    target_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    traj_index: torch.Tensor
+    index: list[int]
+    n_real_tokens: int = 0
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        def mv(t):
+            return None if t is None else t.to(device)
+        return MicroBatch(mv(self.input_ids), mv(self.target_ids), mv(self.loss_mask), mv(self.rollout_logprobs),
+                          mv(self.advantages), mv(self.traj_index), self.index, self.n_real_tokens, mv(self.old_logprobs),
+                          mv(self.ref_logprobs))
+
+
+def collate(seqs: list[TrainSequence], index: list[int], pad_id: int, pad_to_multiple_of: int = 1) -> MicroBatch:
+    """Right-pad ``seqs`` into one :class:`MicroBatch` (``index``: their positions in the step)."""
+    width = padded_length(max(len(s) for s in seqs), pad_to_multiple_of)
+    b = len(seqs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width - 1), dtype=torch.bool)
+    rollout = torch.zeros((b, width - 1), dtype=torch.float32)
+    for row, s in enumerate(seqs):
+        input_ids[row, :len(s)] = torch.tensor(s.tokens, dtype=torch.long)
+        # response token i is target position prompt_len - 1 + i
+        start, n_resp = s.prompt_len - 1, len(s.loss_mask)
+        mask[row, start:start + n_resp] = torch.tensor(s.loss_mask, dtype=torch.bool)
+        rollout[row, start:start + n_resp] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+    return MicroBatch(
+        input_ids=input_ids,
+        target_ids=input_ids[:, 1:].clone(),
+        loss_mask=mask,
+        rollout_logprobs=rollout.masked_fill(~mask, 0.0),
+        advantages=torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
+        traj_index=torch.tensor([s.traj_id for s in seqs], dtype=torch.long),
+        index=list(index),
+        n_real_tokens=sum(len(s) for s in seqs),
+    )
+
+
+def micro_batches(seqs: list[TrainSequence], max_tokens: int, pad_id: int, pad_to_multiple_of: int = 1
+                  ) -> list[MicroBatch]:
+    """Pack and collate: the step's sequences as micro-batches within the token budget."""
+    groups = pack_micro_batches([len(s) for s in seqs], max_tokens, pad_to_multiple_of)
+    return [collate([seqs[i] for i in g], g, pad_id, pad_to_multiple_of) for g in groups]

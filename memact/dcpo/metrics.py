@@ -1,0 +1,139 @@
+"""Step metrics to the console (progress bar + a compact table), ``metrics.jsonl``, W&B and TensorBoard.
+
+Only rank 0 logs. Every row of ``metrics.jsonl`` is one step: flat ``name: number`` pairs
+plus ``step``; the names are explained in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from memact.dcpo.config import Config, to_yaml
+
+# Shown in the console table, in this order (everything goes to the JSONL file).
+TABLE_KEYS = (
+    "reward_mean", "reward_std", "accuracy", "adv_abs_mean", "loss", "clip_fraction", "kl", "entropy",
+    "grad_norm", "logprob_mismatch_mean", "logprob_mismatch_max", "segments_per_traj", "context_mean",
+    "context_peak", "rollout_tok_s", "update_tok_s", "step_s",
+)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+class MetricsLogger:
+    """Writes step rows; a no-op on ranks other than 0.
+
+    Args:
+        run_dir: where ``metrics.jsonl`` (and ``tb/``, ``wandb/``) go.
+        cfg: the run's config (sent to W&B, and sets which sinks are on).
+        is_main: rank 0.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, is_main: bool = True, name: str = "metrics.jsonl"):
+        self.enabled = is_main
+        self.table_every = cfg.logging.table_every
+        self._rows: list[dict[str, Any]] = []
+        self._file = None
+        self._wandb = None
+        self._tb = None
+        self.console = None  # set to a progress bar's console so tables print above the bar
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / name, "a", encoding="utf-8")
+        if cfg.logging.wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+            self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
+                                     config=_yaml_dict(cfg), name=run_dir.name)
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError("logging.tensorboard=true needs the tensorboard package "
+                                   "(pip install tensorboard)") from err
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        step = int(row.get("step", len(self._rows)))
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, float):
+                    self._tb.add_scalar(k, v, step)
+        self._rows.append(row)
+        if self.table_every and len(self._rows) % self.table_every == 0:
+            self.print_table(self._rows[-self.table_every:])
+
+    def print_table(self, rows: list[dict[str, Any]]) -> None:
+        """A compact table of the last few steps: one column per step."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="DCPO steps", title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("metric")
+        for r in rows:
+            table.add_column(str(int(r.get("step", 0))), justify="right")
+        for key in TABLE_KEYS:
+            if any(key in r for r in rows):
+                table.add_row(key, *(_fmt(r.get(key)) for r in rows))
+        (self.console or Console(file=sys.stderr)).print(table)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.2e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _yaml_dict(cfg: Config) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(to_yaml(cfg))
+
+
+def step_progress(total: int, enabled: bool, description: str):
+    """A rich progress bar over optimizer/DCPO steps on stderr (None when disabled)."""
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"), console=Console(file=sys.stderr))
+    bar.start()
+    bar.add_task(description, total=total, info="")
+    return bar

@@ -1,0 +1,108 @@
+"""Supervised cold start: cross-entropy on the generated tokens of every segment of a trajectories file.
+
+The same segments and masks as DCPO (design brief, section 5): a segment's context is exactly
+what the engine saw, and only the tokens the policy generated are trained, each once.
+
+Output directory (``run.out_dir`` or ``--out``): the HF model + tokenizer (loads in
+``memact rollout --policy DIR``), ``metrics.jsonl`` (loss per step) and ``config.yaml``.
+Everything is written to a hidden sibling directory and renamed into place at the end, so
+a run that stops early leaves no half-written output directory.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+from memact.dcpo.checkpoint import save_hf
+from memact.dcpo.config import Config, to_yaml
+from memact.dcpo.data import TrainSequence, micro_batches, read_trajectories
+from memact.dcpo.distributed import DistInfo, all_reduce_sum, build_engine, start_process, step_normalizer
+from memact.dcpo.losses import aggregate
+from memact.dcpo.metrics import MetricsLogger, step_progress
+from memact.dcpo.modeling import load_for_training, token_logprobs
+
+
+def sft(cfg: Config) -> Path:
+    """Train ``cfg.model.path`` on ``cfg.sft.data``; returns the output directory."""
+    seqs = read_trajectories(cfg.sft.data, cfg.batch.max_seq_len)  # all input errors before any output
+    out = Path(cfg.run.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    dist = start_process(cfg)
+    model, tokenizer = load_for_training(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = build_engine(model, cfg)
+    staging = out.parent / f".{out.name}.partial"
+    if dist.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / "config.yaml").write_text(to_yaml(cfg))
+        print(f"[memact] SFT: {len(seqs)} segments, {sum(s.n_trained for s in seqs)} trained tokens | "
+              f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()} | bf16 {engine.bfloat16_enabled()}",
+              flush=True)
+    log = MetricsLogger(staging, cfg, dist.is_main)
+    log.table_every = 0  # one line per step is enough for SFT
+    steps = [item for epoch in range(cfg.sft.epochs) for item in epoch_steps(seqs, cfg, epoch)]
+    bar = step_progress(len(steps), cfg.logging.progress and dist.is_main, "sft")
+    try:
+        for step, (epoch, chunk) in enumerate(steps):
+            t0 = time.perf_counter()
+            mine = chunk[dist.rank::dist.world_size]  # data parallel: ranks split each step's segments
+            loss, tokens, fed = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist)
+            dt = time.perf_counter() - t0
+            log.log({"step": step, "epoch": epoch, "loss": loss, "tokens": tokens, "lr": engine.get_lr()[0],
+                     "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tok_s": fed / dt, "step_s": dt})
+            if bar:
+                bar.update(bar.task_ids[0], completed=step + 1, info=f"epoch {epoch} loss {loss:.4f}")
+        if bar:
+            bar.stop()
+        log.close()
+        save_hf(engine, tokenizer, staging, dist.is_main)
+        if dist.is_main:
+            staging.replace(out) if not out.exists() else _replace_empty(out, staging)
+    except BaseException:
+        if bar:
+            bar.stop()
+        log.close()
+        if dist.is_main:
+            print(f"[memact] SFT stopped; partial output left in {staging} (the output directory "
+                  f"{out} was not written)", flush=True)
+        raise
+    return out
+
+
+def _replace_empty(out: Path, staging: Path) -> None:
+    out.rmdir()  # checked empty at the start
+    staging.replace(out)
+
+
+def epoch_steps(seqs: list[TrainSequence], cfg: Config, epoch: int) -> list[tuple[int, list[int]]]:
+    """The epoch's optimizer steps: (epoch, segment indices), shuffled by (seed, epoch)."""
+    order = list(range(len(seqs)))
+    if cfg.sft.shuffle:
+        random.Random(cfg.run.seed * 1_009 + epoch).shuffle(order)
+    n = cfg.sft.segments_per_step
+    return [(epoch, order[i:i + n]) for i in range(0, len(order), n)]
+
+
+def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: DistInfo
+             ) -> tuple[float, int, int]:
+    """One optimizer step of token-mean cross-entropy over ``seqs``, accumulated over micro-batches.
+
+    Returns:
+        (loss in nats per trained token, trained tokens, real tokens fed to the model).
+    """
+    mbs = micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, pad_id, cfg.batch.pad_to_multiple_of)
+    norm = step_normalizer(mbs, dist)
+    total = 0.0
+    for mb in mbs:
+        logp, _ = token_logprobs(engine, mb, 1.0, with_entropy=False, fused=cfg.model.fused_logprobs)
+        loss = aggregate(-logp, mb.loss_mask, "token_mean", norm)
+        engine.backward(loss * dist.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+        total += float(loss)
+    engine.step()
+    total = all_reduce_sum([total], dist.world_size)[0]
+    return total, norm.token_count, sum(mb.n_real_tokens for mb in mbs)

@@ -1,0 +1,318 @@
+"""DCPO training: the loop of design brief section 4, top to bottom in ``train``.
+
+Each step: sample prompts -> N_traj rollouts per prompt -> rewards -> group advantages (one
+per trajectory) -> segments -> segment sampling -> old and reference log-probs ->
+micro-batches -> DeepSpeed update(s) -> weights back to the rollout engine -> metrics ->
+checkpoint. The helpers below ``train`` each do one of those arrows.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memact.dcpo.advantages import broadcast_to_segments, group_advantages
+from memact.dcpo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from memact.dcpo.config import Config, DCPOConfig, RolloutConfig, to_yaml
+from memact.dcpo.data import MicroBatch, TrainSequence, micro_batches
+from memact.dcpo.distributed import DistInfo, build_engine, full_weights, start_process, step_normalizer
+from memact.dcpo.losses import dcpo_loss
+from memact.dcpo.metrics import MetricsLogger, mean, std, step_progress
+from memact.dcpo.plan import check_world
+from memact.dcpo.modeling import frozen_reference, load_for_training, reference_logprobs, token_logprobs
+from memact.dcpo.sampling import sample_segments
+from memact.dcpo.segments import Segment, segment_trajectory
+from memact.env.memory import Budget
+from memact.env.task import Task, make_tasks
+from memact.policy.agent import Trajectory, run_episodes
+from memact.policy.chat import ChatRenderer
+from memact.policy.engines import HFEngine, SamplingParams
+
+
+def train(cfg: Config) -> Path:
+    """Run DCPO for ``cfg.run.steps`` steps; returns the run directory."""
+    dist = start_process(cfg)
+    check_world(cfg, dist.world_size)
+    run_dir = Path(cfg.run.out_dir)
+    model, tokenizer = load_for_training(cfg)
+    ref = frozen_reference(model) if cfg.dcpo.kl_coef > 0 else None  # the initial policy, frozen
+    engine = build_engine(model, cfg)
+    rollout = Rollout(engine.module, tokenizer, cfg.rollout)
+    first_step = resume(engine, rollout, cfg.run.resume) if cfg.run.resume else 0
+    log = open_run(run_dir, cfg, dist, engine)
+    bar = step_progress(cfg.run.steps, cfg.logging.progress and dist.is_main, "dcpo")
+    log.console = bar.console if bar else None
+    if bar:
+        bar.update(bar.task_ids[0], completed=first_step)
+    for step in range(first_step, cfg.run.steps):
+        t0 = time.perf_counter()
+        tasks, groups = sample_prompts(cfg.rollout, cfg.run.seed, step, dist)
+        with full_weights(engine):
+            trajs = rollout.run(tasks, groups, seed=step_seed(cfg.run.seed, step, dist.rank))
+        t_rollout = time.perf_counter() - t0
+        traj_adv = group_advantages([t.reward for t in trajs], [t.group for t in trajs],
+                                    norm=cfg.dcpo.adv_norm, estimator=cfg.dcpo.adv_estimator)
+        segments = [segment_trajectory(t.calls) for t in trajs]
+        seqs = select_segments(segments, traj_adv, groups, cfg.dcpo, random.Random(step_seed(cfg.run.seed, step, dist.rank)))
+        minis = [micro_batches(part, cfg.batch.max_tokens_per_micro_batch, rollout.pad_id, cfg.batch.pad_to_multiple_of)
+                 for part in split_by_prompt(seqs, cfg.dcpo.mini_batches)]
+        fill_old_and_ref_logprobs(engine, ref, [mb for mbs in minis for mb in mbs], cfg)
+        t1 = time.perf_counter()
+        stats = update(engine, minis, seqs, cfg, dist)
+        t_update = time.perf_counter() - t1
+        sync_weights(rollout.engine, engine)
+        row = step_metrics(step, trajs, traj_adv, segments, seqs, minis, stats, engine, t_rollout, t_update,
+                           time.perf_counter() - t0)
+        log.log(row)
+        if bar:
+            bar.update(bar.task_ids[0], completed=step + 1,
+                       info=f"reward {row['reward_mean']:.3f} | acc {row['accuracy']:.2f} | kl {row['kl']:.2e}")
+        if should_save(step, cfg):
+            save_checkpoint(engine, tokenizer, run_dir, step + 1, trainer_state(step + 1, rollout),
+                            cfg.run.keep_checkpoints, dist.is_main)
+    if bar:
+        bar.stop()
+    log.close()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+class Rollout:
+    """The rollout side: an engine that generates from the trained model, plus episode settings.
+
+    On the CPU the engine shares the trained model object (no weight copy); ``sync_weights``
+    is the seam where a separate engine (vLLM) will receive new weights.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, rc: RolloutConfig, progress: bool = False):
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.engine = HFEngine(model, eos_token_id=eos, pad_token_id=self.pad_id, max_batch_size=rc.max_batch_size)
+        self.renderer = ChatRenderer(tokenizer)
+        self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
+        self.budget = Budget(rc.context_budget, rc.max_steps)
+        self.memory_tool = rc.memory_tool
+        self.progress = progress
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.engine.generator
+
+    def run(self, tasks: list[Task], groups: list[int], seed: int) -> list[Trajectory]:
+        return run_episodes(self.engine, tasks, self.renderer, self.sampling, budget=self.budget,
+                            memory_tool=self.memory_tool, seed=seed, groups=groups, progress=self.progress)
+
+
+def objectives_at(rc: RolloutConfig, step: int) -> int:
+    """Sub-questions per task at ``step``: the one place a curriculum schedule plugs in."""
+    return rc.objectives
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed of its own for each (run seed, step, rank): steps replay exactly after a resume."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo) -> tuple[list[Task], list[int]]:
+    """This rank's prompts of the step, each repeated ``n_traj`` times, and their group ids.
+
+    Prompt g of the step goes to rank g % world_size; group ids are the step-wide prompt index.
+    """
+    prompts = make_tasks(rc.prompts_per_step, objectives_at(rc, step), seed=seed * 10_007 + step)
+    mine = [g for g in range(rc.prompts_per_step) if g % dist.world_size == dist.rank]
+    tasks = [prompts[g] for g in mine for _ in range(rc.n_traj)]
+    groups = [g for g in mine for _ in range(rc.n_traj)]
+    return tasks, groups
+
+
+def select_segments(segments: list[list[Segment]], traj_adv: torch.Tensor, groups: list[int], dc: DCPOConfig,
+                    rng: random.Random) -> list[TrainSequence]:
+    """Sample each prompt's segments (``all`` or ``round_robin`` N_seg) and give each its trajectory's advantage.
+
+    Args:
+        segments: [n_traj] the segments of each trajectory.
+        traj_adv: [n_traj] advantage of each trajectory.
+        groups: [n_traj] prompt index of each trajectory.
+    """
+    picks: list[tuple[int, int]] = []  # (trajectory, segment)
+    for g in sorted(set(groups)):
+        members = [t for t, gt in enumerate(groups) if gt == g]
+        for ti, si in sample_segments([len(segments[t]) for t in members], dc.segment_sampling, dc.n_seg, rng):
+            picks.append((members[ti], si))
+    seg_adv = broadcast_to_segments(traj_adv, [t for t, _ in picks]).tolist()
+    return [TrainSequence.from_segment(segments[t][s], advantage=a, traj_id=t, group=groups[t])
+            for (t, s), a in zip(picks, seg_adv)]
+
+
+def split_by_prompt(seqs: list[TrainSequence], parts: int) -> list[list[TrainSequence]]:
+    """Split the step's sequences into ``parts`` mini-batches, whole prompts in each."""
+    prompts = sorted({s.group for s in seqs})
+    chunks = [prompts[i::parts] for i in range(parts)]
+    return [part for part in ([s for s in seqs if s.group in set(c)] for c in chunks) if part]
+
+
+# ----------------------------------------------------------------------------- log-probs and update
+
+
+def trainer_temperature(cfg: Config) -> float:
+    """The temperature of the rollout log-probs (greedy rollouts report T = 1)."""
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
+@torch.no_grad()
+def fill_old_and_ref_logprobs(engine: Any, ref: Any, mbs: list[MicroBatch], cfg: Config) -> None:
+    """Old log-probs from the current policy before any update (the ratio's denominator), and
+    reference log-probs when the KL term is on. The engine's rollout log-probs stay for the
+    mismatch metric only: the trainer's forward is the consistent baseline for the ratio."""
+    temp = trainer_temperature(cfg)
+    for mb in mbs:
+        mb.old_logprobs = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)[0]
+        if cfg.dcpo.kl_coef > 0:
+            mb.ref_logprobs = reference_logprobs(engine, ref, mb, temp, fused=cfg.model.fused_logprobs)
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    pg_loss: float = 0.0
+    clipped_tokens: float = 0.0
+    kl_sum: float = 0.0
+    entropy_sum: float = 0.0
+    ratio_max: float = 0.0
+    tokens: int = 0  # trained tokens, summed over optimizer steps
+    fed_tokens: int = 0  # real tokens through forward+backward
+    grad_norms: list[float] | None = None
+    optimizer_steps: int = 0
+    micro_batches: int = 0
+
+
+def update(engine: Any, minis: list[list[MicroBatch]], seqs: list[TrainSequence], cfg: Config,
+           dist: DistInfo) -> UpdateStats:
+    """``ppo_epochs`` passes; each mini-batch is one optimizer step accumulated over its micro-batches."""
+    dc, temp = cfg.dcpo, trainer_temperature(cfg)
+    stats = UpdateStats(grad_norms=[])
+    for _ in range(dc.ppo_epochs):
+        for mbs in minis:
+            norm = step_normalizer(mbs, dist)
+            for mb in mbs:
+                logp, ent = token_logprobs(engine, mb, temp, fused=cfg.model.fused_logprobs,
+                                           entropy_grad=dc.entropy_coef != 0)
+                loss, m = dcpo_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, norm,
+                                    traj_index=mb.traj_index, clip_low=dc.clip_low, clip_high=dc.clip_high,
+                                    kl_coef=dc.kl_coef, ref_log_probs=mb.ref_logprobs,
+                                    entropy_coef=dc.entropy_coef, entropy=ent, agg=dc.loss_agg)
+                # DeepSpeed averages gradients over ranks; the normaliser is already global.
+                engine.backward(loss * dist.world_size, scale_wrt_gas=False)
+                n = float(m["n_tokens"])
+                stats.loss += float(loss)
+                stats.pg_loss += float(m["pg_loss"])
+                stats.clipped_tokens += float(m["clip_fraction"]) * n
+                stats.kl_sum += float(m.get("kl_mean", 0.0)) * n
+                stats.entropy_sum += float(m.get("entropy_mean", 0.0)) * n
+                stats.ratio_max = max(stats.ratio_max, float(m["ratio_max"]))
+                stats.tokens += int(n)
+                stats.fed_tokens += mb.n_real_tokens
+                stats.micro_batches += 1
+            engine.step()
+            stats.grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
+            stats.optimizer_steps += 1
+    stats.loss /= max(stats.optimizer_steps, 1)  # each optimizer step's loss is a whole-step mean
+    stats.pg_loss /= max(stats.optimizer_steps, 1)
+    return stats
+
+
+def sync_weights(rollout_engine: Any, engine: Any) -> None:
+    """Give the rollout engine the new weights.
+
+    An engine with ``sync_weights(model)`` (vLLM: reload weights, reset the prefix cache)
+    gets called; the CPU ``HFEngine`` shares the trained module, so it already has them.
+    """
+    sync = getattr(rollout_engine, "sync_weights", None)
+    if sync is not None:
+        sync(engine.module)
+    elif getattr(rollout_engine, "model", None) is not engine.module:
+        raise RuntimeError("the rollout engine neither shares the trained model nor has sync_weights(model)")
+
+
+# ----------------------------------------------------------------------------- metrics, state
+
+
+def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, segments: list[list[Segment]],
+                 seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, engine: Any,
+                 t_rollout: float, t_update: float, t_step: float) -> dict[str, float]:
+    rewards = [t.reward for t in trajs]
+    correct = [c for t in trajs for c in t.correct]
+    adv = traj_adv.tolist()
+    diffs = [mb.rollout_logprobs[mb.loss_mask] - mb.old_logprobs[mb.loss_mask] for mbs in minis for mb in mbs]
+    diff = torch.cat(diffs).abs() if diffs else torch.zeros(0)
+    gen_tokens = sum(len(c.output_ids) for t in trajs for c in t.calls)
+    tokens = max(stats.tokens, 1)
+    return {
+        "step": step,
+        "reward_mean": mean(rewards),
+        "reward_std": std(rewards),
+        "accuracy": mean([float(c) for c in correct]),
+        "adv_mean": mean(adv),
+        "adv_std": std(adv),
+        "adv_abs_mean": mean([abs(a) for a in adv]),
+        "adv_zero_frac": mean([float(a == 0) for a in adv]),
+        "loss": stats.loss,
+        "pg_loss": stats.pg_loss,
+        "clip_fraction": stats.clipped_tokens / tokens,
+        "ratio_max": stats.ratio_max,
+        "kl": stats.kl_sum / tokens,
+        "entropy": stats.entropy_sum / tokens,
+        "grad_norm": mean(stats.grad_norms or []),
+        "lr": float(engine.get_lr()[0]),
+        "logprob_mismatch_mean": float(diff.mean()) if diff.numel() else 0.0,
+        "logprob_mismatch_max": float(diff.max()) if diff.numel() else 0.0,
+        "segments_per_traj": mean([len(s) for s in segments]),
+        "segments_trained": len(seqs),
+        "micro_batches": stats.micro_batches,
+        "optimizer_steps": stats.optimizer_steps,
+        "trained_tokens": stats.tokens,
+        "context_mean": mean([t.metrics["mean_context_tokens"] for t in trajs]),
+        "context_peak": max((t.metrics["peak_context_tokens"] for t in trajs), default=0),
+        "memory_actions": mean([t.metrics["memory_actions"] for t in trajs]),
+        "overflow_rate": mean([float(t.metrics["overflow"]) for t in trajs]),
+        "turns": mean([t.metrics["steps"] for t in trajs]),
+        "rollout_tok_s": gen_tokens / max(t_rollout, 1e-9),
+        "update_tok_s": stats.fed_tokens / max(t_update, 1e-9),
+        "rollout_s": t_rollout,
+        "update_s": t_update,
+        "step_s": t_step,
+    }
+
+
+def should_save(step: int, cfg: Config) -> bool:
+    last = step + 1 == cfg.run.steps
+    return last or (cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0)
+
+
+def trainer_state(next_step: int, rollout: Rollout) -> dict[str, Any]:
+    return {"step": next_step, "rng": rng_state(rollout.generator)}
+
+
+def resume(engine: Any, rollout: Rollout, ckpt: str) -> int:
+    """Restore a checkpoint; returns the step to continue from."""
+    state = load_checkpoint(engine, ckpt)
+    set_rng_state(state["rng"], rollout.generator)
+    return int(state["step"])
+
+
+def open_run(run_dir: Path, cfg: Config, dist: DistInfo, engine: Any) -> MetricsLogger:
+    """Create the run directory, record the config and say how DeepSpeed is set up."""
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        stage = engine.zero_optimization_stage()
+        print(f"[memact] DeepSpeed ZeRO stage {stage} | world size {dist.world_size} | "
+              f"bf16 {engine.bfloat16_enabled()} | run dir {run_dir}", flush=True)
+    return MetricsLogger(run_dir, cfg, dist.is_main)

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy beside context length for policies, strategies and external models."""

@@ -1,0 +1,124 @@
+"""Run (policy, strategy, K) combinations and summarise accuracy against context cost.
+
+Accuracy is the mean share of sub-questions answered exactly (after normalisation), as in
+the paper; cost is total tokens per task (input + output over all calls), the paper's
+"cost" column; context is the prompt length per step (mean and peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from memact.env.memory import Budget
+from memact.env.task import Task, exact_match, make_tasks, token_f1
+from memact.policy.agent import Trajectory
+from memact.policy.engines import SamplingParams
+
+Judge = Callable[[str, str, str], bool]  # (question, gold, prediction) -> equivalent?
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate."""
+
+    policies: list[str]
+    strategies: list[str]
+    objectives: list[int]
+    n: int = 16
+    seed: int = 0
+    data: str | None = None  # None: synthetic; "hotpotqa:PATH": a local HotpotQA-format file
+    budget: Budget | None = None
+    sampling: SamplingParams | None = None
+    names: dict[str, str] | None = None  # display name per policy spec
+
+
+def make_eval_tasks(data: str | None, k: int, n: int, seed: int, _cache: dict = {}) -> list[Task]:  # noqa: B006
+    """Synthetic tasks, or HotpotQA tasks from ``hotpotqa:PATH`` (file loaded once)."""
+    if data is None or data == "synthetic":
+        return make_tasks(n, k, seed)
+    kind, _, path = data.partition(":")
+    if kind != "hotpotqa" or not path:
+        raise ValueError(f"--data {data!r}: expected 'synthetic' or 'hotpotqa:PATH'")
+    from memact.env.hotpotqa import build_corpus, load_hotpotqa, make_hotpot_tasks
+
+    if path not in _cache:
+        rows = load_hotpotqa(path)
+        _cache[path] = (rows, build_corpus(rows))
+    rows, corpus = _cache[path]
+    return make_hotpot_tasks(rows, k, n, seed=seed, corpus=corpus)
+
+
+def episode_row(policy: str, strategy: str, task: Task, traj: Trajectory, judge: Judge | None = None) -> dict:
+    """One line of ``episodes.jsonl``: the outcome of one task, without token ids."""
+    answer = traj.answer or {}
+    per_q = []
+    for q in task.questions:
+        pred = answer.get(q.key, "")
+        em = exact_match(pred, q.answer) or any(exact_match(pred, a) for a in q.aliases)
+        item = {"key": q.key, "gold": q.answer, "pred": pred, "em": em, "f1": token_f1(pred, q.answer)}
+        if judge is not None and traj.answer is not None:
+            item["judge"] = em or bool(pred and judge(q.text, q.answer, pred))
+        per_q.append(item)
+    m = traj.metrics
+    return {
+        "policy": policy, "strategy": strategy, "k": task.k, "task_id": task.task_id, "reward": traj.reward,
+        "accuracy": sum(x["em"] for x in per_q) / task.k, "f1": sum(x["f1"] for x in per_q) / task.k,
+        "judge_accuracy": (sum(x.get("judge", False) for x in per_q) / task.k) if judge else None,
+        "all_correct": all(x["em"] for x in per_q), "questions": per_q,
+        "total_tokens": m["total_input_tokens"] + m["total_output_tokens"], "error": traj.error, **m,
+    }
+
+
+def summarize_rows(rows: list[dict]) -> dict[str, Any]:
+    n = len(rows)
+    mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
+    out = {
+        "n": n, "accuracy": mean("accuracy"), "f1": mean("f1"), "all_correct": mean("all_correct"),
+        "mean_context": mean("mean_context_tokens"), "peak_context": mean("peak_context_tokens"),
+        "max_peak_context": max(r["peak_context_tokens"] for r in rows), "total_tokens": mean("total_tokens"),
+        "memory_actions": mean("memory_actions"), "steps": mean("steps"), "overflow": mean("overflow"),
+        "failed": sum(r["error"] is not None for r in rows),
+    }
+    if rows[0].get("judge_accuracy") is not None:
+        out["judge_accuracy"] = mean("judge_accuracy")
+    return out
+
+
+def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every combination, write ``episodes.jsonl`` and ``summary.json`` to ``out_dir``."""
+    from memact.policy.rollout import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, rollout
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = spec.budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
+    sampling = spec.sampling or SamplingParams(temperature=0.0)
+    summary: list[dict[str, Any]] = []
+    tmp = out / "episodes.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for policy in spec.policies:
+            name = (spec.names or {}).get(policy, policy)
+            for strategy in spec.strategies:
+                for k in spec.objectives:
+                    t0 = time.time()
+                    tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed)
+                    trajs = rollout(policy, k, spec.n, seed=spec.seed, budget=budget, sampling=sampling,
+                                    progress=progress, strategy=strategy, tasks=tasks)
+                    rows = [episode_row(name, strategy, t, tr, judge) for t, tr in zip(tasks, trajs)]
+                    for r in rows:
+                        f.write(json.dumps(r) + "\n")
+                    s = {"policy": name, "strategy": strategy, "k": k, **summarize_rows(rows),
+                         "seconds": time.time() - t0}
+                    summary.append(s)
+                    log(f"{name} / {strategy} / K={k}: accuracy {s['accuracy']:.3f} | all-correct "
+                        f"{s['all_correct']:.2f} | context mean {s['mean_context']:.0f} peak {s['peak_context']:.0f} "
+                        f"| tokens/task {s['total_tokens']:.0f} | memory actions {s['memory_actions']:.1f} "
+                        f"| {s['seconds']:.1f}s")
+    os.replace(tmp, out / "episodes.jsonl")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,111 @@
+"""Evaluation: EM/F1, the HotpotQA loader, the table and plot writer, and `memact eval`."""
+
+import json
+
+import pytest
+
+from memact.cli import main
+from memact.env.hotpotqa import build_corpus, load_hotpotqa, make_hotpot_tasks
+from memact.env.task import exact_match, token_f1
+from memact.eval.report import markdown_table, write_report
+from memact.policy.rollout import rollout
+
+
+def test_exact_match_and_f1_hand_computed():
+    assert exact_match("The Eiffel Tower!", "eiffel tower")
+    assert not exact_match("Eiffel", "eiffel tower")
+    # pred "eiffel tower paris" vs gold "eiffel tower": overlap 2, P=2/3, R=1 -> F1 = 0.8
+    assert token_f1("Eiffel Tower, Paris", "the Eiffel Tower") == pytest.approx(0.8)
+    # pred "new york city" vs gold "york": P=1/3, R=1 -> 0.5
+    assert token_f1("New York City", "York") == pytest.approx(0.5)
+    assert token_f1("yes", "no") == 0.0
+    assert token_f1("", "") == 1.0
+
+
+def _hotpot_rows(n=6):
+    rows = []
+    for i in range(n):
+        title_a, title_b = f"Town{i}", f"River{i}"
+        rows.append({
+            "_id": f"id{i}", "question": f"Which river flows through Town{i}?", "answer": f"Blue{i}",
+            "type": "bridge", "level": "easy",
+            "supporting_facts": [[title_a, 0], [title_b, 0]],
+            "context": [[title_a, [f"Town{i} lies on the river Blue{i}.", " It has a mill."]],
+                        [title_b, [f"The Blue{i} is a long river.", " It floods in spring."]]],
+        })
+    return rows
+
+
+def test_hotpotqa_loader_json_and_parquet(tmp_path):
+    rows = _hotpot_rows()
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps(rows))
+    loaded = load_hotpotqa(path)
+    assert [r["_id"] for r in loaded] == [f"id{i}" for i in range(6)]
+    assert loaded[0]["supporting_titles"] == ["Town0", "River0"]
+    corpus = build_corpus(loaded)
+    assert len(corpus) == 12 and corpus[0] == "Town0: Town0 lies on the river Blue0. It has a mill."
+    tasks = make_hotpot_tasks(loaded, k=3, n=4, seed=1)
+    assert all(t.k == 3 and t.documents is tasks[0].documents for t in tasks)
+    assert len({q.text for q in tasks[0].questions}) == 3
+    # The Hugging Face layout, as parquet.
+    import pandas as pd
+
+    hf_rows = [{**r, "context": {"title": [c[0] for c in r["context"]], "sentences": [c[1] for c in r["context"]]},
+                "supporting_facts": {"title": [s[0] for s in r["supporting_facts"]],
+                                     "sent_id": [s[1] for s in r["supporting_facts"]]}} for r in rows]
+    pq = tmp_path / "hotpot.parquet"
+    pd.DataFrame(hf_rows).to_parquet(pq)
+    assert build_corpus(load_hotpotqa(pq)) == corpus
+
+
+def test_hotpotqa_bad_schema(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"_id": "x", "question": "q"}]))
+    with pytest.raises(ValueError, match="missing column"):
+        load_hotpotqa(path)
+    with pytest.raises(FileNotFoundError):
+        load_hotpotqa(tmp_path / "nope.json")
+
+
+def test_scripted_expert_end_to_end_on_hotpotqa(tmp_path):
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps(_hotpot_rows(8)))
+    rows = load_hotpotqa(path)
+    tasks = make_hotpot_tasks(rows, k=3, n=4, seed=0)
+    from memact.env.memory import Budget
+
+    trajs = rollout("scripted", 3, 4, tasks=tasks, budget=Budget(4000, 40), progress=False)
+    assert all(t.reward == 1.0 for t in trajs), [t.reward for t in trajs]
+    assert all(t.metrics["memory_actions"] >= 1 for t in trajs)
+
+
+def test_table_and_plots(tmp_path):
+    summary = [
+        {"policy": "a", "strategy": "memact", "k": 2, "n": 4, "accuracy": 1.0, "f1": 1.0, "all_correct": 1.0,
+         "mean_context": 500.0, "peak_context": 700.0, "total_tokens": 3000.0, "memory_actions": 2.0, "steps": 5.0,
+         "overflow": 0.0},
+        {"policy": "a", "strategy": "memact", "k": 4, "n": 4, "accuracy": 0.5, "f1": 0.6, "all_correct": 0.25,
+         "mean_context": 600.0, "peak_context": 900.0, "total_tokens": 5000.0, "memory_actions": 3.0, "steps": 8.0,
+         "overflow": 0.0},
+    ]
+    table = markdown_table(summary)
+    assert "| a [memact] | 1.000 | 0.500 | 0.750 | 4000 | 550 | 800 | 2.5 |" in table
+    path = write_report(summary, tmp_path)
+    assert path.read_text().startswith("# Evaluation")
+    for png in ("accuracy_vs_k.png", "accuracy_vs_cost.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_cli(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--policy", "scripted", "--strategy", "memact,full", "--objectives", "2,4", "--n", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["strategy"], r["k"]) for r in summary] == [("memact", 2), ("memact", 4), ("full", 2), ("full", 4)]
+    assert summary[0]["accuracy"] == 1.0
+    lines = (out / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    assert (out / "REPORT.md").exists() and (out / "accuracy_vs_k.png").exists()
+    with pytest.raises(ValueError, match="unknown strategy"):
+        main(["eval", "--policy", "scripted", "--strategy", "bogus", "--out", str(out)])
