@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_deepspeed_probe() -> None:
+    """Tell DeepSpeed it is on the CPU when it is, instead of a warning on every command."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _quiet_deepspeed_probe()
     result = args.func(args)
     return int(result or 0)
 

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         from memact.eval.judge import make_judge
 
         judge = make_judge(args.judge)
-    spec = EvalSpec(policies, strategies, args.objectives, n=args.n, seed=args.seed, data=args.data,
+    spec = EvalSpec.grid(policies, strategies, args.objectives, n=args.n, seed=args.seed, data=args.data,
                     budget=Budget(args.context_budget, args.max_steps),
                     sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
     summary = evaluate(spec, args.out, judge=judge, progress=not args.quiet)

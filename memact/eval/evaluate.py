@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from memact.env.memory import Budget
 from memact.env.task import Task, exact_match, make_tasks, token_f1
@@ -23,18 +24,30 @@ Judge = Callable[[str, str, str], bool]  # (question, gold, prediction) -> equiv
 
 
 @dataclass
-class EvalSpec:
-    """What to evaluate."""
+class System:
+    """One evaluated system: a policy run under a memory strategy."""
 
-    policies: list[str]
-    strategies: list[str]
+    policy: str  # MODEL_DIR | scripted | scripted-nomem | openai:MODEL
+    strategy: str = "memact"
+    name: str | None = None  # display name (default: the policy spec)
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate: every system at every K on the same tasks."""
+
+    systems: list[System]
     objectives: list[int]
     n: int = 16
     seed: int = 0
     data: str | None = None  # None: synthetic; "hotpotqa:PATH": a local HotpotQA-format file
     budget: Budget | None = None
     sampling: SamplingParams | None = None
-    names: dict[str, str] | None = None  # display name per policy spec
+
+    @classmethod
+    def grid(cls, policies: list[str], strategies: list[str], objectives: list[int], **kw) -> EvalSpec:
+        """Every policy under every strategy."""
+        return cls([System(p, s) for p in policies for s in strategies], objectives, **kw)
 
 
 def make_eval_tasks(data: str | None, k: int, n: int, seed: int, _cache: dict = {}) -> list[Task]:  # noqa: B006
@@ -101,24 +114,23 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
     summary: list[dict[str, Any]] = []
     tmp = out / "episodes.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for policy in spec.policies:
-            name = (spec.names or {}).get(policy, policy)
-            for strategy in spec.strategies:
-                for k in spec.objectives:
-                    t0 = time.time()
-                    tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed)
-                    trajs = rollout(policy, k, spec.n, seed=spec.seed, budget=budget, sampling=sampling,
-                                    progress=progress, strategy=strategy, tasks=tasks)
-                    rows = [episode_row(name, strategy, t, tr, judge) for t, tr in zip(tasks, trajs)]
-                    for r in rows:
-                        f.write(json.dumps(r) + "\n")
-                    s = {"policy": name, "strategy": strategy, "k": k, **summarize_rows(rows),
-                         "seconds": time.time() - t0}
-                    summary.append(s)
-                    log(f"{name} / {strategy} / K={k}: accuracy {s['accuracy']:.3f} | all-correct "
-                        f"{s['all_correct']:.2f} | context mean {s['mean_context']:.0f} peak {s['peak_context']:.0f} "
-                        f"| tokens/task {s['total_tokens']:.0f} | memory actions {s['memory_actions']:.1f} "
-                        f"| {s['seconds']:.1f}s")
+        for system in spec.systems:
+            name, strategy = system.name or system.policy, system.strategy
+            for k in spec.objectives:
+                t0 = time.time()
+                tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed)
+                trajs = rollout(system.policy, k, spec.n, seed=spec.seed, budget=budget, sampling=sampling,
+                                progress=progress, strategy=strategy, tasks=tasks)
+                rows = [episode_row(name, strategy, t, tr, judge) for t, tr in zip(tasks, trajs)]
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+                s = {"policy": name, "strategy": strategy, "k": k, **summarize_rows(rows),
+                     "seconds": time.time() - t0}
+                summary.append(s)
+                log(f"{name} / {strategy} / K={k}: accuracy {s['accuracy']:.3f} | all-correct "
+                    f"{s['all_correct']:.2f} | context mean {s['mean_context']:.0f} peak {s['peak_context']:.0f} "
+                    f"| tokens/task {s['total_tokens']:.0f} | memory actions {s['memory_actions']:.1f} "
+                    f"| {s['seconds']:.1f}s")
     os.replace(tmp, out / "episodes.jsonl")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -27,7 +27,9 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     for name, rows in by_system(summary).items():
         accs = [rows[k]["accuracy"] if k in rows else None for k in ks]
         present = [rows[k] for k in ks if k in rows]
-        avg = lambda key: sum(r[key] for r in present) / len(present)  # noqa: E731
+        def avg(key: str, present=present) -> float:
+            return sum(r[key] for r in present) / len(present)
+
         cells = [name, *[f"{a:.3f}" if a is not None else "-" for a in accs], f"{avg('accuracy'):.3f}",
                  f"{avg('total_tokens'):.0f}", f"{avg('mean_context'):.0f}", f"{avg('peak_context'):.0f}",
                  f"{avg('memory_actions'):.1f}"]

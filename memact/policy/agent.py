@@ -14,7 +14,14 @@ from typing import Any
 from memact.env.memory import Budget, Record
 from memact.env.task import Task
 from memact.env.tools import AgentEnv, StepResult
-from memact.policy.chat import IM_END, IM_START, SYSTEM_PROMPT, SYSTEM_PROMPT_NO_MEMORY, ChatRenderer, parse_action
+from memact.policy.chat import (
+    IM_END,
+    IM_START,
+    SYSTEM_PROMPT,
+    SYSTEM_PROMPT_NO_MEMORY,
+    ChatRenderer,
+    parse_action,
+)
 from memact.policy.engines import Engine, Generation, SamplingParams
 from memact.policy.strategies import SUMMARY_REQUEST, SUMMARY_SAVED, Strategy
 

@@ -51,7 +51,7 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
 
     ``memory`` overrides whether a scripted expert uses ``prune_context`` (default: by spec).
     """
-    from memact.policy.model import load_policy, load_tokenizer
+    from memact.policy.model import load_tokenizer
 
     if spec in SCRIPTED:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
@@ -61,9 +61,17 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
     path = Path(spec)
     if not path.is_dir():
         raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-nomem' or a model directory")
-    model, tok = load_policy(path)
+    model, tok = _load_cached(str(path.resolve()), (path / "config.json").stat().st_mtime)
     engine = HFEngine(model, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     return PolicyHandle(engine, tok, True, path.name)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, mtime: float):
+    """Evaluations roll out the same model many times: load it once (keyed on path and mtime)."""
+    from memact.policy.model import load_policy
+
+    return load_policy(path)
 
 
 def trajectory_json(traj: Trajectory) -> dict[str, Any]:

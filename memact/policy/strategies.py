@@ -59,7 +59,7 @@ def parse_strategy(spec: str) -> Strategy:
                 raise ValueError
             return Strategy(name, summarize_at=frac)
     except ValueError:
-        raise ValueError(f"bad strategy argument in {spec!r}: sliding_window:K (K >= 1) or summarize:F (0<F<1)")
+        raise ValueError(f"bad strategy argument in {spec!r}: sliding_window:K (K >= 1) or summarize:F (0<F<1)") from None
     if arg:
         raise ValueError(f"strategy {name!r} takes no argument, got {spec!r}")
     return Strategy(name)
