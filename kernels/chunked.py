@@ -34,9 +34,9 @@ import torch
 from ._common import check_inputs, compute_dtype, flatten_inputs, unflatten_outputs
 
 # Each [C, V] fp32 work buffer is sized to about this many bytes; two of them are live at once.
-# 128 MiB gives C = 1024 rows at V = 32000. Measured on a 2-core CPU at N=8192, V=32000, H=1024
-# (see benchmarks/bench_linear_logprobs.py): smaller chunks start to lose GEMM efficiency, larger
-# ones only cost memory.
+# 128 MiB gives C = 1024 rows at V = 32000. Chosen by a sweep with benchmarks/bench_linear_logprobs.py
+# (2-core CPU, N=2048, V=32000, H=512, chunk 256/512/1024/2048): 256 rows was ~25% slower, 512-2048
+# were equal within the noise of a shared machine, so take the middle and spend no more memory.
 _TARGET_CHUNK_BYTES = 128 * 2**20
 _MIN_CHUNK_ROWS = 128
 _MAX_CHUNK_ROWS = 8192

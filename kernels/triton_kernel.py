@@ -84,9 +84,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result; for 16-bit inputs use cuBLAS's fp32 output if this torch has it."""
-    if a.dtype == torch.float32:
-        return a @ b
+    """a @ b (16-bit inputs) with an fp32 result, so per-chunk grad_weight terms aren't rounded to 16 bits."""
     try:
         return torch.mm(a, b, out_dtype=torch.float32)
     except (TypeError, RuntimeError):  # older torch without mm(..., out_dtype)
@@ -98,6 +96,8 @@ def _forward_stats(hidden, weight, targets, temperature):
     kernels = _require_triton(hidden)
     n, dim = hidden.shape
     vocab = weight.shape[0]
+    if n == 0:  # a zero-sized grid is not a valid launch
+        return tuple(torch.empty(0, dtype=torch.float32, device=hidden.device) for _ in range(3))
     cfg = _tiles(hidden.dtype)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
 
@@ -108,9 +108,6 @@ def _forward_stats(hidden, weight, targets, temperature):
     splits = max(1, min(_cdiv(2 * sms, n_blocks), v_tiles))
     cols_per_split = _cdiv(v_tiles, splits) * block_v  # a multiple of BLOCK_V
     splits = _cdiv(vocab, cols_per_split)  # recount so that no split is empty
-
-    if n == 0:  # a zero-sized grid is not a valid launch
-        return tuple(torch.empty(0, dtype=torch.float32, device=hidden.device) for _ in range(3))
 
     partials = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
     kernels.lse_partials_kernel[(n_blocks, splits)](
@@ -199,7 +196,10 @@ class _TritonLinearLogprobs(torch.autograd.Function):
             if need_hidden:
                 torch.mm(dz, weight, out=grad_hidden[start:end])
             if need_weight:
-                grad_weight += _mm_fp32_out(dz.T, h_c)
+                if dz.dtype == torch.float32:
+                    grad_weight.addmm_(dz.T, h_c)  # in place: no [V, H] temporary
+                else:
+                    grad_weight += _mm_fp32_out(dz.T, h_c)
 
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)

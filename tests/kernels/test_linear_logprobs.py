@@ -75,7 +75,7 @@ def test_chunked_fp32_matches_float64_reference(n, v, h, chunk_size, temperature
     check_against_reference(
         hidden, weight, targets, temperature, g_lp, g_ent, rtol=1e-5, grad_rtol=1e-5,
         chunk_size=chunk_size, impl="chunked",
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("which", ["logprobs", "entropy"])
@@ -115,7 +115,7 @@ def test_batched_3d_input_matches_flat():
     flat = forward_backward(
         linear_logprobs, hidden.reshape(-1, h), weight, targets.reshape(-1), 1.3,
         g_lp.reshape(-1), g_ent.reshape(-1), chunk_size=8,
-    )  # fmt: skip
+    )
     torch.testing.assert_close(lp.reshape(-1), flat[0])
     torch.testing.assert_close(ent.reshape(-1), flat[1])
     torch.testing.assert_close(gh.reshape(-1, h), flat[2])
@@ -273,7 +273,7 @@ def test_triton_fp32_matches_float64_reference(n, v, h, chunk_size, temperature,
     check_against_reference(
         args[0], args[1], args[2], temperature, args[3], args[4], rtol=1e-5, grad_rtol=1e-5,
         chunk_size=chunk_size, impl="triton",
-    )  # fmt: skip
+    )
 
 
 @requires_triton
@@ -286,7 +286,7 @@ def test_triton_bf16_and_single_output(which):
     check_against_reference(
         hidden.cuda(), weight.cuda(), targets.cuda(), 0.7, g_lp, g_ent, rtol=2e-5, grad_rtol=2e-2,
         chunk_size=128, impl="triton",
-    )  # fmt: skip
+    )
 
 
 @requires_triton
@@ -323,4 +323,4 @@ def test_triton_kernels_in_interpreter(n, v, h, chunk_size, dtype, temperature):
     check_against_reference(
         hidden, weight, targets, temperature, g_lp, g_ent, rtol=1e-5,
         grad_rtol=1e-5 if dtype == torch.float32 else 2e-3, chunk_size=chunk_size, impl="triton",
-    )  # fmt: skip
+    )
