@@ -83,6 +83,12 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+# Defaults of the tiny synthetic task: sized so that an agent that never prunes overflows
+# at about K >= 4 while the pruning expert fits through K = 8 (measured; see README).
+DEFAULT_CONTEXT_BUDGET = 1040
+DEFAULT_MAX_STEPS = 40
+
+
 @dataclass
 class Budget:
     """Limits of an episode. Breaking either ends the episode with a penalty."""

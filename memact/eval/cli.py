@@ -16,7 +16,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from memact.policy.rollout import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
+    from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 
     p = sub.add_parser(
         "eval", help="evaluate policies x memory strategies x objectives; table + plots",

@@ -8,7 +8,7 @@ import time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from memact.policy.rollout import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
+    from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 
     p = sub.add_parser(
         "rollout", help="run episodes of a policy and write trajectories with their DCPO segments",

@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -59,6 +57,8 @@ def build_model(preset: str | ModelPreset, vocab_size: int, seed: int = 0, pad_t
         eos_token_id=eos_token_id,
         bos_token_id=None,
     )
+    import torch
+
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     return model
@@ -91,9 +91,12 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Model and tokenizer from a local directory (tiny or a real checkpoint)."""
+def load_policy(path: str | os.PathLike, dtype=None, device: str = "cpu"):
+    """Model and tokenizer from a local directory (tiny or a real checkpoint); fp32 by default."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
 
     path = Path(path)
     if not (path / "config.json").exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from memact.dcpo.segments import segment_trajectory
-from memact.env.memory import Budget
+from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
 from memact.env.task import Task, make_tasks
 from memact.policy.agent import Trajectory, run_episodes
 from memact.policy.chat import ChatRenderer
@@ -24,9 +24,7 @@ from memact.policy.strategies import parse_strategy
 
 SCRIPTED = ("scripted", "scripted-nomem")
 
-# Sized so that an agent that never prunes overflows at about K >= 4 (see README).
-DEFAULT_CONTEXT_BUDGET = 1040
-DEFAULT_MAX_STEPS = 40
+__all__ = ["DEFAULT_CONTEXT_BUDGET", "DEFAULT_MAX_STEPS", "rollout", "make_policy", "trajectory_json"]
 
 
 @functools.lru_cache(maxsize=1)

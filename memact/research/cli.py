@@ -67,8 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from memact.research.loop import ResearchError, ResearchLoop, RunConfig
     from memact.research.proposers import make_proposer
 
-    if not os.path.exists(os.path.join(args.dir, "train.py")):
-        print(f"error: {args.dir} has no train.py: create it with `memact research init {args.dir}`", file=sys.stderr)
+    missing = [name for name in ("train.py", "program.md") if not os.path.exists(os.path.join(args.dir, name))]
+    if missing:
+        print(f"error: {args.dir} has no {' or '.join(missing)}: is it a workspace? "
+              f"Create one with `memact research init {args.dir}`", file=sys.stderr)
         return 2
     config = RunConfig(
         budget_s=args.budget, experiments=args.experiments, proposer=args.proposer, memory=args.memory,
@@ -93,3 +95,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m memact.research.cli SUBCOMMAND ...`: the research commands alone.
+
+    Same arguments as `memact research ...`, without importing the rest of memact's CLI
+    (whose model commands load torch at start-up).
+    """
+    parser = argparse.ArgumentParser(prog="memact")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["research", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,8 +11,8 @@ When the context passes its token budget the memory policy acts, always through
 ``WorkingMemory.prune_context(memory_note, delete_ids)`` followed by a new note record
 with a fresh id (so a later action can delete that note and fold it into a new one):
 
-- ``heuristic``: keep the best experiment's record and the last ``keep_last`` records,
-  fold everything else (older notes included) into one note of running statistics;
+- ``heuristic``: keep the best experiment's record and the last ``keep_last`` experiment
+  records, fold everything else (older notes included) into one note of running statistics;
 - ``policy:MODEL_DIR``: the served memact policy is asked for a ``prune_context`` call;
   a bad call falls back to the heuristic and is logged;
 - ``none``: never prunes.
@@ -197,66 +197,77 @@ class MemoryPolicy(Protocol):
 
 
 def _fold(records: list[Record]) -> dict[str, Any]:
-    """Running statistics over experiment records and earlier notes (notes merge their stats)."""
+    """Running statistics over experiment records and earlier notes (a note's statistics merge in).
+
+    The baseline record (experiment 0) adds nothing: its numbers stay in the best-so-far block.
+    """
     stats: dict[str, Any] = {"runs": 0, "status": {}, "tried": {}, "first": None, "last": None, "best": None,
                              "kept": [], "other_notes": ""}
+
+    def span(lo: int | None, hi: int | None) -> None:
+        for key, value, pick in (("first", lo, min), ("last", hi, max)):
+            if value is not None:
+                stats[key] = value if stats[key] is None else pick(stats[key], value)
+
+    def bump(table: dict, key: str, by: Any) -> None:
+        if isinstance(by, list):
+            old = table.setdefault(key, [0] * len(by))
+            table[key] = [a + b for a, b in zip(old, by)]
+        else:
+            table[key] = table.get(key, 0) + by
+
     for r in records:
         m = r.meta
-        parts = [m] if r.kind == "tool" else []
         if r.kind == "memory" and "runs" in m:  # a heuristic note: merge its statistics
             stats["runs"] += m["runs"]
-            for k, v in m["status"].items():
-                stats["status"][k] = stats["status"].get(k, 0) + v
-            for k, (n, kept) in m["tried"].items():
-                t = stats["tried"].setdefault(k, [0, 0])
-                t[0] += n
-                t[1] += kept
-            stats["kept"] = (stats["kept"] + m["kept"])[-3:]
-            for key, pick in (("first", min), ("last", max)):
-                if m[key] is not None:
-                    stats[key] = m[key] if stats[key] is None else pick(stats[key], m[key])
+            for status, n in m["status"].items():
+                bump(stats["status"], status, n)
+            for name, counts in m["tried"].items():
+                bump(stats["tried"], name, counts)
+            stats["kept"] = (m["kept"] + stats["kept"])[-3:]
+            span(m["first"], m["last"])
             if m["best"] and (stats["best"] is None or m["best"][1] < stats["best"][1]):
                 stats["best"] = m["best"]
             stats["other_notes"] = (stats["other_notes"] + " " + m.get("other_notes", "")).strip()[:200]
-        elif r.kind == "memory":  # a note someone else wrote: keep its start
+        elif r.kind == "memory":  # a note someone else (the policy) wrote: keep its start
             stats["other_notes"] = (stats["other_notes"] + " " + m.get("note", "")).strip()[:200]
-        for e in parts:
+        elif m.get("experiment", 0) > 0:
+            exp, status = m["experiment"], m["status"]
             stats["runs"] += 1
-            stats["status"][e["status"]] = stats["status"].get(e["status"], 0) + 1
-            exp = e["experiment"]
-            stats["first"] = exp if stats["first"] is None else min(stats["first"], exp)
-            stats["last"] = exp if stats["last"] is None else max(stats["last"], exp)
-            diff = e.get("diff", "")
+            bump(stats["status"], status, 1)
+            span(exp, exp)
+            diff = m.get("diff", "")
             names = diff[len("constants "):].split(",") if diff.startswith("constants ") else ["other edits"]
             for name in names:
-                t = stats["tried"].setdefault(name, [0, 0])
-                t[0] += 1
-                t[1] += e["status"] == "keep"
-            if e["status"] == "keep":
-                stats["kept"] = (stats["kept"] + [f"exp {exp}: {e['description'][:80]}"])[-3:]
-            if e["val_bpb"] is not None and (stats["best"] is None or e["val_bpb"] < stats["best"][1]):
-                stats["best"] = [exp, e["val_bpb"], e["description"][:80]]
+                bump(stats["tried"], name, [int(status == "keep"), 1])
+            if status == "keep":
+                stats["kept"] = (stats["kept"] + [f"exp {exp} {m['description'][:60]}"])[-3:]
+            if m["val_bpb"] is not None and (stats["best"] is None or m["val_bpb"] < stats["best"][1]):
+                stats["best"] = [exp, m["val_bpb"], m["description"][:60]]
     return stats
 
 
 def _note_text(stats: dict[str, Any]) -> str:
+    """A compact note: span, counts, best, kept/tried per constant, the last kept changes."""
     counts = ", ".join(f"{n} {s}" for s, n in sorted(stats["status"].items()))
-    text = f"experiments {stats['first']}-{stats['last']} summarised ({stats['runs']} runs: {counts})."
+    parts = [f"exps {stats['first']}-{stats['last']} ({stats['runs']} runs: {counts})"]
     if stats["best"]:
         exp, bpb, desc = stats["best"]
-        text += f" Best of them: {bpb:.4f} (exp {exp}: {desc})."
-    tried = ", ".join(f"{k} {n}x/{kept} kept" for k, (n, kept) in sorted(stats["tried"].items()))
-    if tried:
-        text += f" Tried: {tried}."
+        parts.append(f"best {bpb:.4f} exp {exp} ({desc})")
+    if stats["tried"]:
+        parts.append("kept/tried: " + ", ".join(f"{k} {kept}/{n}" for k, (kept, n) in sorted(stats["tried"].items())))
     if stats["kept"]:
-        text += " Last kept: " + "; ".join(stats["kept"]) + "."
+        parts.append("kept: " + "; ".join(stats["kept"]))
     if stats["other_notes"]:
-        text += f" Earlier notes: {stats['other_notes']}"
-    return text
+        parts.append(f"earlier notes: {stats['other_notes']}")
+    return "; ".join(parts)
 
 
 class HeuristicMemory:
-    """Keep the best experiment's record and the last ``keep_last`` records; summarise the rest."""
+    """Keep the best experiment's record and the last ``keep_last`` experiment records; fold the rest.
+
+    Everything else, earlier notes included, becomes one new note of running statistics.
+    """
 
     name = "heuristic"
 
@@ -265,16 +276,17 @@ class HeuristicMemory:
 
     def prune(self, memory: ResearchMemory, best_experiment: int | None) -> str:
         records = memory.memory.records
-        protected = {r.record_id for r in records[-self.keep_last :]} if self.keep_last else set()
+        experiments = [r for r in records if r.kind != "memory"]
+        protected = {r.record_id for r in experiments[-self.keep_last :]} if self.keep_last else set()
         best = memory.record_of_experiment(best_experiment) if best_experiment is not None else None
         if best is not None:
             protected.add(best.record_id)
         doomed = [r for r in records if r.record_id not in protected]
         stats = _fold(doomed)
-        text = _note_text(stats)
+        text = _note_text(stats) if stats["runs"] or stats["other_notes"] else ""
         # Folding must shrink the context: one record into one note, or a note longer than
         # what it replaces, only churns ids.
-        if len(doomed) < 2 or count_tokens(text) + 4 >= sum(count_tokens(r.response_text) for r in doomed):
+        if not text or len(doomed) < 2 or count_tokens(text) + 4 >= sum(count_tokens(r.response_text) for r in doomed):
             return "heuristic: nothing worth folding"
         note = memory.apply_prune(text, [r.record_id for r in doomed], stats)
         return f"heuristic: folded {len(doomed)} records into {note.record_id}"

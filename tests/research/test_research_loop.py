@@ -126,7 +126,7 @@ def test_llm_patches_are_checked_before_they_are_applied(stub_workspace, chat_se
 
 def _run_cli(workdir, experiments, env):
     return subprocess.Popen(
-        [sys.executable, "-m", "memact.cli", "research", "run", workdir, "--budget", "3",
+        [sys.executable, "-m", "memact.research.cli", "run", workdir, "--budget", "3",
          "--experiments", str(experiments), "--baseline-runs", "2", "--seed", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
