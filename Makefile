@@ -23,7 +23,7 @@ $(STAMP): $(BIN)/python setup.py
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/memact demo --out runs/demo
+	$(BIN)/memact demo --out runs/demo --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

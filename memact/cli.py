@@ -59,6 +59,15 @@ def _quiet_deepspeed_probe() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _quiet_hf_progress_bars() -> None:
+    """Weight loading/saving bars of tiny models are noise; our own bars show the work."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -66,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _quiet_deepspeed_probe()
+    if args.command != "research":  # the research loop never loads a model in this process
+        _quiet_deepspeed_probe()
+        _quiet_hf_progress_bars()
     result = args.func(args)
     return int(result or 0)
 
