@@ -10,6 +10,8 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv demo test lint clean
 
+include mk/vllm.mk
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ("memact.policy.cli_model", "new-model: build a tiny Qwen-architecture model and tokenizer"),
     ("memact.policy.cli_pretrain", "pretrain: in-context recall warm-up before SFT"),
     ("memact.policy.cli_rollout", "rollout: run episodes and write trajectories with DCPO segments"),
+    ("memact.policy.cli_serve", "serve: OpenAI-compatible chat server over a model directory"),
     ("memact.dcpo.cli_train", "sft / train: SFT cold start and DCPO on DeepSpeed"),
     ("memact.eval.cli", "eval: accuracy against context length for policies and memory strategies"),
     ("memact.demo", "demo: the whole pipeline on a tiny CPU model, leaving a report"),

@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(prompt_ids, response_ids, loss_mask, logprobs).",
     )
     p.add_argument("--policy", required=True,
-                   help="'scripted' (expert with memory), 'scripted-nomem' (never prunes) or a model directory")
+                   help="'scripted' (expert with memory), 'scripted-nomem' (never prunes), a model directory, "
+                   "or openai:MODEL (an OpenAI-compatible endpoint: OPENAI_BASE_URL, OPENAI_API_KEY)")
     p.add_argument("--objectives", "-k", type=int, default=2, help="sub-questions per task (K)")
     p.add_argument("--n", type=int, default=16, help="number of episodes")
     p.add_argument("--seed", type=int, default=0, help="task and record-id seed")

