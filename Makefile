@@ -9,8 +9,7 @@ export WANDB_MODE := offline
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv demo test lint clean
-
-include mk/vllm.mk
+.DEFAULT_GOAL := test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,3 +34,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The vLLM CPU lane (its own environment): make test-vllm
+include mk/vllm.mk
