@@ -283,6 +283,19 @@ class OpenAIEngine:
             self.usage["completion_tokens"] += gen.completion_tokens or 0
         return gen
 
+    def chat(self, messages: list[dict[str, Any]], **params: Any) -> str:
+        """One chat completion (with retries) returning the reply text; raises RuntimeError on failure.
+
+        For callers outside the agent loop (an LLM judge, a proposer) that speak messages, not ids.
+        """
+        try:
+            reply = self._post({"model": self.model, "messages": messages, **params})
+            return reply_text(reply["choices"][0]["message"])
+        except _Failure as err:
+            raise RuntimeError(str(err)) from None
+        except (KeyError, IndexError, TypeError) as err:
+            raise RuntimeError(f"POST {self.url}: unexpected reply shape ({type(err).__name__}: {err})") from None
+
     def _failed(self, message: str) -> Generation:
         with self._lock:
             self.usage["failed"] += 1

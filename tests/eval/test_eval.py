@@ -109,3 +109,28 @@ def test_eval_cli(tmp_path, capsys):
     assert (out / "REPORT.md").exists() and (out / "accuracy_vs_k.png").exists()
     with pytest.raises(ValueError, match="unknown strategy"):
         main(["eval", "--policy", "scripted", "--strategy", "bogus", "--out", str(out)])
+
+
+def test_llm_judge_counts_equivalent_answers():
+    from memact.env.task import make_task
+    from memact.eval.evaluate import episode_row
+    from memact.eval.judge import make_judge
+    from memact.policy.agent import Trajectory
+
+    asked = []
+
+    def fake_chat(messages):
+        asked.append(messages[0]["content"])
+        return "Yes" if "Predicted answer: violet-ish" in messages[0]["content"] else "no"
+
+    judge = make_judge("openai:judge-model", chat=fake_chat)
+    task = make_task(3, 2)
+    gold = task.gold()
+    answer = {"Q1": gold["Q1"], "Q2": "violet-ish"}
+    metrics = {"total_input_tokens": 10, "total_output_tokens": 2, "steps": 1, "memory_actions": 0,
+               "peak_context_tokens": 5, "mean_context_tokens": 5.0, "overflow": False}
+    row = episode_row("p", "memact", task, Trajectory(task.task_id, 0.5, [], metrics, answer=answer), judge)
+    assert row["accuracy"] == 0.5 and row["judge_accuracy"] == 1.0
+    assert len(asked) == 1  # exact matches are not sent to the judge
+    with pytest.raises(ValueError, match="openai:MODEL"):
+        make_judge("gpt")

@@ -1,0 +1,32 @@
+"""An optional LLM judge for answers that miss exact match (``memact eval --judge openai:MODEL``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PROMPT = (
+    "You grade answers to questions. Question: {question}\nGold answer: {gold}\nPredicted answer: {pred}\n"
+    "Does the predicted answer mean the same as the gold answer? Reply with exactly one word: yes or no."
+)
+
+
+def make_judge(spec: str, chat: Callable[[list[dict]], str] | None = None) -> Callable[[str, str, str], bool]:
+    """A judge ``(question, gold, prediction) -> bool`` from ``openai:MODEL``.
+
+    ``chat`` replaces the HTTP call (tests). A judge that cannot be reached raises: an
+    evaluation should not silently fall back to exact match.
+    """
+    kind, _, model = spec.partition(":")
+    if kind != "openai" or not model:
+        raise ValueError(f"--judge {spec!r}: expected openai:MODEL")
+    if chat is None:
+        from memact.policy.openai_engine import OpenAIEngine
+
+        engine = OpenAIEngine(model, tokenizer=None, max_retries=3)
+        chat = lambda messages: engine.chat(messages, temperature=0.0, max_tokens=4)  # noqa: E731
+
+    def judge(question: str, gold: str, pred: str) -> bool:
+        reply = chat([{"role": "user", "content": PROMPT.format(question=question, gold=gold, pred=pred)}])
+        return reply.strip().lower().startswith("yes")
+
+    return judge
