@@ -66,6 +66,8 @@ def _load(args: argparse.Namespace, extra: list[str]):
 
 def run_sft(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"sft.data={args.data}"] if args.data else [])
+    if not cfg.sft.data and not args.dry_run:
+        raise SystemExit("memact sft: no trajectories given: pass --data FILE.jsonl (or sft.data=FILE.jsonl)")
     if args.dry_run:
         return _dry_run(cfg, args, "sft")
     from memact.dcpo.data import DataError

@@ -138,6 +138,21 @@ def build_engine(model: torch.nn.Module, cfg: Config) -> Any:
     return engine
 
 
+def optimizer_step(engine: Any) -> float:
+    """``engine.step()`` (reduce, clip, update, LR schedule); returns the gradient norm before clipping.
+
+    DeepSpeed reports the norm for ZeRO 1-3; at stage 0 with a client optimizer it reports
+    None, so the norm of the local gradients is taken before the step.
+    """
+    local = None
+    if engine.zero_optimization_stage() == 0:
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in engine.module.parameters() if p.grad is not None]
+        local = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    engine.step()
+    reported = engine.get_global_grad_norm()
+    return float(reported) if reported is not None else (local or 0.0)
+
+
 @contextlib.contextmanager
 def full_weights(engine: Any):
     """Every parameter whole for the duration (ZeRO-3 shards them; other stages are whole already).

@@ -72,15 +72,15 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}  # tensors -> numbers
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         step = int(row.get("step", len(self._rows)))
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
+            self._wandb.log({k: v for k, v in row.items() if _is_number(v)}, step=step)
         if self._tb is not None:
             for k, v in row.items():
-                if isinstance(v, float):
+                if _is_number(v):
                     self._tb.add_scalar(k, v, step)
         self._rows.append(row)
         if self.table_every and len(self._rows) % self.table_every == 0:
@@ -109,6 +109,10 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -125,15 +129,30 @@ def _yaml_dict(cfg: Config) -> dict[str, Any]:
     return yaml.safe_load(to_yaml(cfg))
 
 
-def step_progress(total: int, enabled: bool, description: str):
-    """A rich progress bar over optimizer/DCPO steps on stderr (None when disabled)."""
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class StepBar:
+    """A rich progress bar over steps on stderr; every method is a no-op when disabled."""
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=Console(file=sys.stderr))
-    bar.start()
-    bar.add_task(description, total=total, info="")
-    return bar
+    def __init__(self, total: int, enabled: bool, description: str, completed: int = 0):
+        self._bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=Console(file=sys.stderr))
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, completed=completed, info="")
+
+    @property
+    def console(self):
+        """The bar's console (print through it so output lands above the bar), or None."""
+        return self._bar.console if self._bar is not None else None
+
+    def update(self, completed: int, info: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, info=info)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -89,6 +89,28 @@ def fused_kernel():
     return linear_logprobs
 
 
+def final_hidden_states(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L, H] output of the decoder stack, through the full forward of ``model``.
+
+    The call goes through the DeepSpeed engine's forward, not the decoder submodule: ZeRO-3
+    does per-micro-step bookkeeping there, and bypassing it dropped all but the last
+    micro-batch's gradients when accumulating (measured). A hook on the decoder captures its
+    output; ``logits_to_keep=1`` keeps the model's own LM head to one position, since the
+    caller applies the head only where tokens are trained.
+    """
+    captured: list[torch.Tensor] = []
+
+    def grab(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    hook = core_model(model).get_decoder().register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0, with_entropy: bool = True,
                    fused: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each trained target token under softmax(logits / T), and the entropy there.
@@ -106,7 +128,7 @@ def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0, with_en
         entropy: [B, L-1] float32 or None.
     """
     lm = core_model(model)
-    hidden = lm.get_decoder()(input_ids=mb.input_ids, use_cache=False).last_hidden_state  # [B, L, H]
+    hidden = final_hidden_states(model, mb.input_ids)  # [B, L, H]
     picked = hidden[:, :-1][mb.loss_mask]  # [N, H]
     targets = mb.target_ids[mb.loss_mask]  # [N]
     head = lm.get_output_embeddings()

@@ -37,13 +37,22 @@ def resolve_world(num_gpus: int | None = None) -> World:
 
 
 def check_world(cfg: Config, world_size: int) -> None:
-    """Every rank must get the same number of prompts and mini-batches (they step together)."""
+    """DCPO-only checks: sequences fit, and every rank gets the same number of prompts and
+    mini-batches (ranks step together)."""
+    r, b = cfg.rollout, cfg.batch
+    if r.context_budget > b.max_seq_len:
+        raise ConfigError(f"rollout.context_budget={r.context_budget}: expected <= batch.max_seq_len "
+                          f"({b.max_seq_len}); a segment can be as long as the context budget")
     p = cfg.rollout.prompts_per_step
     if p % world_size:
         raise ConfigError(f"rollout.prompts_per_step={p}: expected a multiple of the world size {world_size}")
     if p // world_size < cfg.dcpo.mini_batches:
         raise ConfigError(f"dcpo.mini_batches={cfg.dcpo.mini_batches}: expected <= prompts per rank "
                           f"({p // world_size})")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
@@ -59,8 +68,8 @@ def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
     r, d, b = cfg.rollout, cfg.dcpo, cfg.batch
     lines = [
         f"config       {cfg.source or '(defaults)'}",
-        f"model        {cfg.model.path or '-'} [{source}]: {total / 1e9:.2f}B parameters, largest module "
-        f"{largest / 1e6:.1f}M",
+        f"model        {cfg.model.path or '-'} [{source}]: {_count(total)} parameters, largest module "
+        f"{_count(largest)}",
         f"world        {world.size} rank(s) = {world.nodes} node(s) x {world.gpus_per_node}",
         f"deepspeed    {cfg.deepspeed.config}: ZeRO stage {stage} | bf16 {ds.get('bf16', {}).get('enabled')} | "
         f"offload optimizer {cfg.deepspeed.offload_optimizer} | gradient checkpointing "

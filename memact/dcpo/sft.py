@@ -19,9 +19,16 @@ from pathlib import Path
 from memact.dcpo.checkpoint import save_hf
 from memact.dcpo.config import Config, to_yaml
 from memact.dcpo.data import TrainSequence, micro_batches, read_trajectories
-from memact.dcpo.distributed import DistInfo, all_reduce_sum, build_engine, start_process, step_normalizer
+from memact.dcpo.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    build_engine,
+    optimizer_step,
+    start_process,
+    step_normalizer,
+)
 from memact.dcpo.losses import aggregate
-from memact.dcpo.metrics import MetricsLogger, step_progress
+from memact.dcpo.metrics import MetricsLogger, StepBar
 from memact.dcpo.modeling import load_for_training, token_logprobs
 
 
@@ -46,26 +53,23 @@ def sft(cfg: Config) -> Path:
     log = MetricsLogger(staging, cfg, dist.is_main)
     log.table_every = 0  # one line per step is enough for SFT
     steps = [item for epoch in range(cfg.sft.epochs) for item in epoch_steps(seqs, cfg, epoch)]
-    bar = step_progress(len(steps), cfg.logging.progress and dist.is_main, "sft")
+    bar = StepBar(len(steps), cfg.logging.progress and dist.is_main, "sft")
     try:
         for step, (epoch, chunk) in enumerate(steps):
-            t0 = time.perf_counter()
+            t0, lr = time.perf_counter(), engine.get_lr()[0]
             mine = chunk[dist.rank::dist.world_size]  # data parallel: ranks split each step's segments
-            loss, tokens, fed = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist)
+            loss, tokens, fed, grad_norm = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist)
             dt = time.perf_counter() - t0
-            log.log({"step": step, "epoch": epoch, "loss": loss, "tokens": tokens, "lr": engine.get_lr()[0],
-                     "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tok_s": fed / dt, "step_s": dt})
-            if bar:
-                bar.update(bar.task_ids[0], completed=step + 1, info=f"epoch {epoch} loss {loss:.4f}")
-        if bar:
-            bar.stop()
+            log.log({"step": step, "epoch": epoch, "loss": loss, "tokens": tokens, "lr": lr,
+                     "grad_norm": grad_norm, "tok_s": fed / dt, "step_s": dt})
+            bar.update(step + 1, f"epoch {epoch} loss {loss:.4f}")
+        bar.stop()
         log.close()
         save_hf(engine, tokenizer, staging, dist.is_main)
         if dist.is_main:
             staging.replace(out) if not out.exists() else _replace_empty(out, staging)
     except BaseException:
-        if bar:
-            bar.stop()
+        bar.stop()
         log.close()
         if dist.is_main:
             print(f"[memact] SFT stopped; partial output left in {staging} (the output directory "
@@ -89,20 +93,21 @@ def epoch_steps(seqs: list[TrainSequence], cfg: Config, epoch: int) -> list[tupl
 
 
 def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: DistInfo
-             ) -> tuple[float, int, int]:
+             ) -> tuple[float, int, int, float]:
     """One optimizer step of token-mean cross-entropy over ``seqs``, accumulated over micro-batches.
 
     Returns:
-        (loss in nats per trained token, trained tokens, real tokens fed to the model).
+        (loss in nats per trained token, trained tokens, real tokens fed to the model, gradient norm).
     """
-    mbs = micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, pad_id, cfg.batch.pad_to_multiple_of)
+    mbs = [mb.to(engine.device) for mb in
+           micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, pad_id, cfg.batch.pad_to_multiple_of)]
     norm = step_normalizer(mbs, dist)
     total = 0.0
     for mb in mbs:
         logp, _ = token_logprobs(engine, mb, 1.0, with_entropy=False, fused=cfg.model.fused_logprobs)
         loss = aggregate(-logp, mb.loss_mask, "token_mean", norm)
         engine.backward(loss * dist.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
-        total += float(loss)
-    engine.step()
+        total += loss.item()
+    grad_norm = optimizer_step(engine)
     total = all_reduce_sum([total], dist.world_size)[0]
-    return total, norm.token_count, sum(mb.n_real_tokens for mb in mbs)
+    return total, norm.token_count, sum(mb.n_real_tokens for mb in mbs), grad_norm

@@ -20,11 +20,18 @@ from memact.dcpo.advantages import broadcast_to_segments, group_advantages
 from memact.dcpo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from memact.dcpo.config import Config, DCPOConfig, RolloutConfig, to_yaml
 from memact.dcpo.data import MicroBatch, TrainSequence, micro_batches
-from memact.dcpo.distributed import DistInfo, build_engine, full_weights, start_process, step_normalizer
+from memact.dcpo.distributed import (
+    DistInfo,
+    build_engine,
+    full_weights,
+    optimizer_step,
+    start_process,
+    step_normalizer,
+)
 from memact.dcpo.losses import dcpo_loss
-from memact.dcpo.metrics import MetricsLogger, mean, std, step_progress
-from memact.dcpo.plan import check_world
+from memact.dcpo.metrics import MetricsLogger, StepBar, mean, std
 from memact.dcpo.modeling import frozen_reference, load_for_training, reference_logprobs, token_logprobs
+from memact.dcpo.plan import check_world
 from memact.dcpo.sampling import sample_segments
 from memact.dcpo.segments import Segment, segment_trajectory
 from memact.env.memory import Budget
@@ -32,6 +39,7 @@ from memact.env.task import Task, make_tasks
 from memact.policy.agent import Trajectory, run_episodes
 from memact.policy.chat import ChatRenderer
 from memact.policy.engines import HFEngine, SamplingParams
+from memact.policy.strategies import parse_strategy
 
 
 def train(cfg: Config) -> Path:
@@ -44,39 +52,32 @@ def train(cfg: Config) -> Path:
     engine = build_engine(model, cfg)
     rollout = Rollout(engine.module, tokenizer, cfg.rollout)
     first_step = resume(engine, rollout, cfg.run.resume) if cfg.run.resume else 0
-    log = open_run(run_dir, cfg, dist, engine)
-    bar = step_progress(cfg.run.steps, cfg.logging.progress and dist.is_main, "dcpo")
-    log.console = bar.console if bar else None
-    if bar:
-        bar.update(bar.task_ids[0], completed=first_step)
+    log, bar = open_run(run_dir, cfg, dist, engine, first_step)
     for step in range(first_step, cfg.run.steps):
         t0 = time.perf_counter()
+        seed = step_seed(cfg.run.seed, step, dist.rank)
         tasks, groups = sample_prompts(cfg.rollout, cfg.run.seed, step, dist)
         with full_weights(engine):
-            trajs = rollout.run(tasks, groups, seed=step_seed(cfg.run.seed, step, dist.rank))
+            trajs = rollout.run(tasks, groups, seed)
         t_rollout = time.perf_counter() - t0
-        traj_adv = group_advantages([t.reward for t in trajs], [t.group for t in trajs],
-                                    norm=cfg.dcpo.adv_norm, estimator=cfg.dcpo.adv_estimator)
+        rewards = [t.reward for t in trajs]
+        traj_adv = group_advantages(rewards, groups, cfg.dcpo.adv_norm, cfg.dcpo.adv_estimator)
         segments = [segment_trajectory(t.calls) for t in trajs]
-        seqs = select_segments(segments, traj_adv, groups, cfg.dcpo, random.Random(step_seed(cfg.run.seed, step, dist.rank)))
-        minis = [micro_batches(part, cfg.batch.max_tokens_per_micro_batch, rollout.pad_id, cfg.batch.pad_to_multiple_of)
-                 for part in split_by_prompt(seqs, cfg.dcpo.mini_batches)]
-        fill_old_and_ref_logprobs(engine, ref, [mb for mbs in minis for mb in mbs], cfg)
-        t1 = time.perf_counter()
-        stats = update(engine, minis, seqs, cfg, dist)
+        seqs = select_segments(segments, traj_adv, groups, cfg.dcpo, random.Random(seed))
+        minis = pack_mini_batches(seqs, cfg, rollout.pad_id, engine.device)
+        fill_old_and_ref_logprobs(engine, ref, minis, cfg)
+        t1, lr = time.perf_counter(), engine.get_lr()[0]
+        stats = update(engine, minis, cfg, dist)
         t_update = time.perf_counter() - t1
         sync_weights(rollout.engine, engine)
-        row = step_metrics(step, trajs, traj_adv, segments, seqs, minis, stats, engine, t_rollout, t_update,
+        row = step_metrics(step, trajs, traj_adv, segments, seqs, minis, stats, lr, t_rollout, t_update,
                            time.perf_counter() - t0)
         log.log(row)
-        if bar:
-            bar.update(bar.task_ids[0], completed=step + 1,
-                       info=f"reward {row['reward_mean']:.3f} | acc {row['accuracy']:.2f} | kl {row['kl']:.2e}")
+        bar.update(step + 1, f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.2f} kl {row['kl']:.1e}")
         if should_save(step, cfg):
             save_checkpoint(engine, tokenizer, run_dir, step + 1, trainer_state(step + 1, rollout),
                             cfg.run.keep_checkpoints, dist.is_main)
-    if bar:
-        bar.stop()
+    bar.stop()
     log.close()
     return run_dir
 
@@ -94,11 +95,13 @@ class Rollout:
     def __init__(self, model: Any, tokenizer: Any, rc: RolloutConfig, progress: bool = False):
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self.engine = HFEngine(model, eos_token_id=eos, pad_token_id=self.pad_id, max_batch_size=rc.max_batch_size)
+        self.engine = HFEngine(model, eos_token_id=eos, pad_token_id=self.pad_id,
+                               max_batch_size=rc.max_batch_size)
         self.renderer = ChatRenderer(tokenizer)
-        self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
+        self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
+                                       max_new_tokens=rc.max_new_tokens)
         self.budget = Budget(rc.context_budget, rc.max_steps)
-        self.memory_tool = rc.memory_tool
+        self.strategy = parse_strategy(rc.strategy)
         self.progress = progress
 
     @property
@@ -107,7 +110,7 @@ class Rollout:
 
     def run(self, tasks: list[Task], groups: list[int], seed: int) -> list[Trajectory]:
         return run_episodes(self.engine, tasks, self.renderer, self.sampling, budget=self.budget,
-                            memory_tool=self.memory_tool, seed=seed, groups=groups, progress=self.progress)
+                            strategy=self.strategy, seed=seed, groups=groups, progress=self.progress)
 
 
 def objectives_at(rc: RolloutConfig, step: int) -> int:
@@ -134,7 +137,7 @@ def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo) -> t
 
 def select_segments(segments: list[list[Segment]], traj_adv: torch.Tensor, groups: list[int], dc: DCPOConfig,
                     rng: random.Random) -> list[TrainSequence]:
-    """Sample each prompt's segments (``all`` or ``round_robin`` N_seg) and give each its trajectory's advantage.
+    """Sample each prompt's segments (``all``, or ``round_robin`` N_seg); each gets its trajectory's advantage.
 
     Args:
         segments: [n_traj] the segments of each trajectory.
@@ -144,8 +147,8 @@ def select_segments(segments: list[list[Segment]], traj_adv: torch.Tensor, group
     picks: list[tuple[int, int]] = []  # (trajectory, segment)
     for g in sorted(set(groups)):
         members = [t for t, gt in enumerate(groups) if gt == g]
-        for ti, si in sample_segments([len(segments[t]) for t in members], dc.segment_sampling, dc.n_seg, rng):
-            picks.append((members[ti], si))
+        counts = [len(segments[t]) for t in members]
+        picks += [(members[ti], si) for ti, si in sample_segments(counts, dc.segment_sampling, dc.n_seg, rng)]
     seg_adv = broadcast_to_segments(traj_adv, [t for t, _ in picks]).tolist()
     return [TrainSequence.from_segment(segments[t][s], advantage=a, traj_id=t, group=groups[t])
             for (t, s), a in zip(picks, seg_adv)]
@@ -158,6 +161,14 @@ def split_by_prompt(seqs: list[TrainSequence], parts: int) -> list[list[TrainSeq
     return [part for part in ([s for s in seqs if s.group in set(c)] for c in chunks) if part]
 
 
+def pack_mini_batches(seqs: list[TrainSequence], cfg: Config, pad_id: int, device: Any
+                      ) -> list[list[MicroBatch]]:
+    """Mini-batches (one optimizer step each) of micro-batches within the token budget, on ``device``."""
+    budget, multiple = cfg.batch.max_tokens_per_micro_batch, cfg.batch.pad_to_multiple_of
+    return [[mb.to(device) for mb in micro_batches(part, budget, pad_id, multiple)]
+            for part in split_by_prompt(seqs, cfg.dcpo.mini_batches)]
+
+
 # ----------------------------------------------------------------------------- log-probs and update
 
 
@@ -167,13 +178,13 @@ def trainer_temperature(cfg: Config) -> float:
 
 
 @torch.no_grad()
-def fill_old_and_ref_logprobs(engine: Any, ref: Any, mbs: list[MicroBatch], cfg: Config) -> None:
+def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch]], cfg: Config) -> None:
     """Old log-probs from the current policy before any update (the ratio's denominator), and
     reference log-probs when the KL term is on. The engine's rollout log-probs stay for the
     mismatch metric only: the trainer's forward is the consistent baseline for the ratio."""
     temp = trainer_temperature(cfg)
-    for mb in mbs:
-        mb.old_logprobs = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)[0]
+    for mb in (mb for mbs in minis for mb in mbs):
+        mb.old_logprobs, _ = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)
         if cfg.dcpo.kl_coef > 0:
             mb.ref_logprobs = reference_logprobs(engine, ref, mb, temp, fused=cfg.model.fused_logprobs)
 
@@ -182,7 +193,7 @@ def fill_old_and_ref_logprobs(engine: Any, ref: Any, mbs: list[MicroBatch], cfg:
 class UpdateStats:
     loss: float = 0.0
     pg_loss: float = 0.0
-    clipped_tokens: float = 0.0
+    clipped_tokens: int = 0
     kl_sum: float = 0.0
     entropy_sum: float = 0.0
     ratio_max: float = 0.0
@@ -193,60 +204,70 @@ class UpdateStats:
     micro_batches: int = 0
 
 
-def update(engine: Any, minis: list[list[MicroBatch]], seqs: list[TrainSequence], cfg: Config,
-           dist: DistInfo) -> UpdateStats:
+def update(engine: Any, minis: list[list[MicroBatch]], cfg: Config, dist: DistInfo) -> UpdateStats:
     """``ppo_epochs`` passes; each mini-batch is one optimizer step accumulated over its micro-batches."""
-    dc, temp = cfg.dcpo, trainer_temperature(cfg)
     stats = UpdateStats(grad_norms=[])
-    for _ in range(dc.ppo_epochs):
+    for _ in range(cfg.dcpo.ppo_epochs):
         for mbs in minis:
-            norm = step_normalizer(mbs, dist)
-            for mb in mbs:
-                logp, ent = token_logprobs(engine, mb, temp, fused=cfg.model.fused_logprobs,
-                                           entropy_grad=dc.entropy_coef != 0)
-                loss, m = dcpo_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, norm,
-                                    traj_index=mb.traj_index, clip_low=dc.clip_low, clip_high=dc.clip_high,
-                                    kl_coef=dc.kl_coef, ref_log_probs=mb.ref_logprobs,
-                                    entropy_coef=dc.entropy_coef, entropy=ent, agg=dc.loss_agg)
-                # DeepSpeed averages gradients over ranks; the normaliser is already global.
-                engine.backward(loss * dist.world_size, scale_wrt_gas=False)
-                n = float(m["n_tokens"])
-                stats.loss += float(loss)
-                stats.pg_loss += float(m["pg_loss"])
-                stats.clipped_tokens += float(m["clip_fraction"]) * n
-                stats.kl_sum += float(m.get("kl_mean", 0.0)) * n
-                stats.entropy_sum += float(m.get("entropy_mean", 0.0)) * n
-                stats.ratio_max = max(stats.ratio_max, float(m["ratio_max"]))
-                stats.tokens += int(n)
-                stats.fed_tokens += mb.n_real_tokens
-                stats.micro_batches += 1
-            engine.step()
-            stats.grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
+            accumulate(engine, mbs, cfg, dist, stats)
+            stats.grad_norms.append(optimizer_step(engine))
             stats.optimizer_steps += 1
     stats.loss /= max(stats.optimizer_steps, 1)  # each optimizer step's loss is a whole-step mean
     stats.pg_loss /= max(stats.optimizer_steps, 1)
     return stats
 
 
-def sync_weights(rollout_engine: Any, engine: Any) -> None:
-    """Give the rollout engine the new weights.
+def accumulate(engine: Any, mbs: list[MicroBatch], cfg: Config, dist: DistInfo, stats: UpdateStats) -> None:
+    """Backward of one optimizer step's loss, micro-batch by micro-batch.
 
-    An engine with ``sync_weights(model)`` (vLLM: reload weights, reset the prefix cache)
-    gets called; the CPU ``HFEngine`` shares the trained module, so it already has them.
+    The normaliser covers all of ``mbs``, so the summed gradient does not depend on how the
+    step was split into micro-batches.
+    """
+    dc, temp = cfg.dcpo, trainer_temperature(cfg)
+    norm = step_normalizer(mbs, dist)
+    for mb in mbs:
+        logp, ent = token_logprobs(engine, mb, temp, fused=cfg.model.fused_logprobs,
+                                   entropy_grad=dc.entropy_coef != 0)
+        loss, m = dcpo_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, norm,
+                            traj_index=mb.traj_index, clip_low=dc.clip_low, clip_high=dc.clip_high,
+                            kl_coef=dc.kl_coef, ref_log_probs=mb.ref_logprobs,
+                            entropy_coef=dc.entropy_coef, entropy=ent, agg=dc.loss_agg)
+        # DeepSpeed averages gradients over ranks; the normaliser is already global.
+        engine.backward(loss * dist.world_size, scale_wrt_gas=False)
+        n = float(m["n_tokens"])
+        stats.loss += loss.item()
+        stats.pg_loss += float(m["pg_loss"])
+        stats.clipped_tokens += round(float(m["clip_fraction"]) * n)  # a count: clip_fraction is count / n
+        stats.kl_sum += float(m.get("kl_mean", 0.0)) * n
+        stats.entropy_sum += float(m.get("entropy_mean", 0.0)) * n
+        stats.ratio_max = max(stats.ratio_max, float(m["ratio_max"]))
+        stats.tokens += int(n)
+        stats.fed_tokens += mb.n_real_tokens
+        stats.micro_batches += 1
+
+
+def sync_weights(rollout_engine: Any, engine: Any) -> None:
+    """Push the updated weights to the rollout engine (``SyncsWeights.sync_weights(named_tensors)``).
+
+    The CPU ``HFEngine`` shares the trained module, so its copy is skipped tensor by tensor;
+    an engine with its own weights (vLLM, another device) copies them here.
     """
     sync = getattr(rollout_engine, "sync_weights", None)
-    if sync is not None:
-        sync(engine.module)
-    elif getattr(rollout_engine, "model", None) is not engine.module:
-        raise RuntimeError("the rollout engine neither shares the trained model nor has sync_weights(model)")
+    if sync is None:
+        if getattr(rollout_engine, "model", None) is not engine.module:
+            raise RuntimeError("the rollout engine neither shares the trained model nor has sync_weights()")
+        return
+    with full_weights(engine):
+        sync(engine.module.state_dict(keep_vars=True).items())
 
 
 # ----------------------------------------------------------------------------- metrics, state
 
 
 def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, segments: list[list[Segment]],
-                 seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, engine: Any,
+                 seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, lr: float,
                  t_rollout: float, t_update: float, t_step: float) -> dict[str, float]:
+    """One row of metrics.jsonl (names explained in docs/training.md)."""
     rewards = [t.reward for t in trajs]
     correct = [c for t in trajs for c in t.correct]
     adv = traj_adv.tolist()
@@ -270,7 +291,7 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "kl": stats.kl_sum / tokens,
         "entropy": stats.entropy_sum / tokens,
         "grad_norm": mean(stats.grad_norms or []),
-        "lr": float(engine.get_lr()[0]),
+        "lr": lr,  # the rate of this step's first update
         "logprob_mismatch_mean": float(diff.mean()) if diff.numel() else 0.0,
         "logprob_mismatch_max": float(diff.max()) if diff.numel() else 0.0,
         "segments_per_traj": mean([len(s) for s in segments]),
@@ -307,12 +328,15 @@ def resume(engine: Any, rollout: Rollout, ckpt: str) -> int:
     return int(state["step"])
 
 
-def open_run(run_dir: Path, cfg: Config, dist: DistInfo, engine: Any) -> MetricsLogger:
-    """Create the run directory, record the config and say how DeepSpeed is set up."""
+def open_run(run_dir: Path, cfg: Config, dist: DistInfo, engine: Any, first_step: int
+             ) -> tuple[MetricsLogger, StepBar]:
+    """Create the run directory, record the config, say how DeepSpeed is set up; logger and bar."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        stage = engine.zero_optimization_stage()
-        print(f"[memact] DeepSpeed ZeRO stage {stage} | world size {dist.world_size} | "
-              f"bf16 {engine.bfloat16_enabled()} | run dir {run_dir}", flush=True)
-    return MetricsLogger(run_dir, cfg, dist.is_main)
+        print(f"[memact] DeepSpeed ZeRO stage {engine.zero_optimization_stage()} | world size "
+              f"{dist.world_size} | bf16 {engine.bfloat16_enabled()} | run dir {run_dir}", flush=True)
+    log = MetricsLogger(run_dir, cfg, dist.is_main)
+    bar = StepBar(cfg.run.steps, cfg.logging.progress and dist.is_main, "dcpo", first_step)
+    log.console = bar.console
+    return log, bar

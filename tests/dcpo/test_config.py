@@ -1,0 +1,77 @@
+"""Config tree: presets load, overrides merge, bad keys and values are named; dry run of the 14B preset."""
+
+import json
+
+import pytest
+
+from memact.dcpo.config import ConfigError, configs_dir, load_config
+from memact.dcpo.distributed import deepspeed_config
+from memact.dcpo.plan import check_world
+
+PRESETS = ["tiny_cpu_sft.yaml", "tiny_cpu_dcpo.yaml", "qwen2.5_14b_dcpo_8xh100.yaml"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_validate(name):
+    cfg = load_config(configs_dir() / name)
+    assert cfg.source.endswith(name)
+    ds = deepspeed_config(cfg)
+    # Our accumulation: one micro-batch per backward, DeepSpeed does not count micro-steps.
+    assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["managed_gradient_accumulation"] is False
+    assert "auto" not in json.dumps(ds)
+
+
+def test_published_settings_in_14b_preset():
+    cfg = load_config(configs_dir() / "qwen2.5_14b_dcpo_8xh100.yaml")
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (1e-6, 5)
+    assert (cfg.dcpo.clip_low, cfg.dcpo.clip_high, cfg.dcpo.kl_coef) == (0.2, 0.2, 0.001)
+    assert (cfg.rollout.n_traj, cfg.dcpo.n_seg, cfg.rollout.prompts_per_step) == (8, 12, 128)
+    assert (cfg.rollout.context_budget, cfg.rollout.max_steps) == (20000, 40)
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+
+
+def test_overrides_merge_over_yaml():
+    cfg = load_config(configs_dir() / "tiny_cpu_dcpo.yaml", ["optim.lr=3e-3", "rollout.n_traj=4",
+                                                              "deepspeed.zero_stage=2"])
+    assert cfg.optim.lr == 3e-3 and cfg.rollout.n_traj == 4
+    assert deepspeed_config(cfg)["zero_optimization"]["stage"] == 2
+
+
+def test_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="n_trajs"):
+        load_config(None, ["rollout.n_trajs=3"])
+
+
+def test_bad_value_names_key_and_expectation():
+    with pytest.raises(ConfigError, match=r"dcpo.segment_sampling='random'.*one of"):
+        load_config(None, ["dcpo.segment_sampling=random"])
+    with pytest.raises(ConfigError, match="rollout.context_budget"):
+        check_world(load_config(None, ["rollout.context_budget=5000", "batch.max_seq_len=2048"]), 1)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=abc"])
+
+
+def test_dry_run_14b_without_weights(capsys, tmp_path):
+    from memact.dcpo.cli_train import main
+
+    # model.path points nowhere: the architecture block gives the shape, on the meta device.
+    rc = main(["train", "--config", str(configs_dir() / "qwen2.5_14b_dcpo_8xh100.yaml"), "--dry-run",
+               "--num-gpus", "8", f"model.path={tmp_path / 'absent'}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "ZeRO stage 3" in out
+    assert "14.77B parameters" in out  # Qwen2.5-14B
+    assert "1024 trajectories (128 per rank)" in out and "1536 (192 per rank" in out
+    assert "per GPU" in out and "GiB" in out
+
+
+def test_dry_run_rejects_uneven_world(tmp_path):
+    from memact.dcpo.cli_train import main
+
+    with pytest.raises(SystemExit, match="prompts_per_step=128: expected a multiple of the world size 3"):
+        main(["train", "--config", "qwen2.5_14b_dcpo_8xh100.yaml", "--dry-run", "--num-gpus", "3"])
