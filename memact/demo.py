@@ -23,13 +23,14 @@ class DemoPreset:
     """Sizes of one demo run."""
 
     model: str = "tiny"
-    sft_tasks: dict[int, int] = field(default_factory=lambda: {1: 48, 2: 64, 3: 32})
+    sft_tasks: dict[int, int] = field(default_factory=lambda: {1: 32, 2: 48, 3: 16})
     """Scripted trajectories per K for the SFT data (a curriculum from one objective up)."""
     sft_epochs: int = 2
-    dcpo_steps: int = 4
-    dcpo_objectives: int = 2
+    dcpo_steps: int = 3
+    dcpo_objectives: int = 1
+    """K of the DCPO prompts: at K=1 a briefly trained tiny model gets some reward signal (measured)."""
     eval_objectives: tuple[int, ...] = (2, 4, 6, 8)
-    eval_n: int = 6
+    eval_n: int = 4
     eval_max_steps: int = 20
     """Step budget in evaluation: untrained models that never answer stop here."""
     dcpo_prompts: int = 4
