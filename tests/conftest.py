@@ -5,6 +5,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One thread: predictable on 2-core CI machines, and faster than two whenever they are shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
