@@ -146,6 +146,37 @@ def padded_length(n: int, multiple: int) -> int:
 
 
 @dataclass
+class PackedRows:
+    """The model's view of a micro-batch when segments share rows (``memact.dcpo.packing``).
+
+    The loss still sees the one-row-per-segment tensors of :class:`MicroBatch`; only the
+    decoder runs on these rows, and ``gather_index`` maps its output back.
+
+    Attributes:
+        input_ids: [R, W] packed tokens (pad_id where nothing is placed).
+        position_ids: [R, W] each token's position within its own segment (restarts at 0 per
+            segment; a shared prefix token has the same position in every segment holding it).
+        attention_mask: [R, 1, W, W] True where query token q may attend to key k (bool for
+            sdpa; an additive float mask for eager). A pad slot attends to itself only, so no
+            softmax row is empty (an empty row gives NaN, and NaN leaks into gradients).
+        gather_index: [N] for each trained target of the micro-batch (row-major order of
+            ``MicroBatch.loss_mask``), the flat index r * W + w of the packed slot whose hidden
+            state predicts it.
+        n_slots: filled slots (shared tokens counted once): the tokens the decoder really computes.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    gather_index: torch.Tensor
+    n_slots: int = 0
+
+    def to(self, device: torch.device | str) -> PackedRows:
+        return PackedRows(self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device),
+                          self.gather_index.to(device), self.n_slots)
+
+
+@dataclass
 class MicroBatch:
     """Padded tensors of a few sequences; per-token tensors are [B, L-1], aligned to targets.
 
@@ -160,6 +191,9 @@ class MicroBatch:
         old_logprobs, ref_logprobs: [B, L-1] filled by the trainer (nats), or None.
         index: positions of these sequences in the step's list.
         n_real_tokens: tokens of the sequences before padding (throughput counts these).
+        packed: the packed rows the decoder runs on instead of ``input_ids``, or None.
+        shared_prefix: leading tokens every row has in common, run once and reused through the
+            KV cache (``memact.dcpo.modeling.final_hidden_states``); 0 = no reuse.
     """
 
     input_ids: torch.Tensor
@@ -172,13 +206,16 @@ class MicroBatch:
     n_real_tokens: int = 0
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    packed: PackedRows | None = None
+    shared_prefix: int = 0
 
     def to(self, device: torch.device | str) -> MicroBatch:
         def mv(t):
             return None if t is None else t.to(device)
         return MicroBatch(mv(self.input_ids), mv(self.target_ids), mv(self.loss_mask), mv(self.rollout_logprobs),
                           mv(self.advantages), mv(self.traj_index), self.index, self.n_real_tokens, mv(self.old_logprobs),
-                          mv(self.ref_logprobs))
+                          mv(self.ref_logprobs), None if self.packed is None else self.packed.to(device),
+                          self.shared_prefix)
 
 
 def collate(seqs: list[TrainSequence], index: list[int], pad_id: int, pad_to_multiple_of: int = 1) -> MicroBatch:

@@ -89,8 +89,12 @@ def fused_kernel():
     return linear_logprobs
 
 
-def final_hidden_states(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L, H] output of the decoder stack, through the full forward of ``model``.
+
+    ``position_ids`` [B, L] and a 4D ``attention_mask`` [B, 1, L, L] describe packed rows
+    (``memact.dcpo.packing``); without them each row is one causal sequence.
 
     The call goes through the DeepSpeed engine's forward, not the decoder submodule: ZeRO-3
     does per-micro-step bookkeeping there, and bypassing it dropped all but the last
@@ -105,10 +109,42 @@ def final_hidden_states(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
     hook = core_model(model).get_decoder().register_forward_hook(grab)
     try:
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        extra = {} if position_ids is None else {"position_ids": position_ids, "attention_mask": attention_mask}
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **extra)
     finally:
         hook.remove()
     return captured[0]
+
+
+def prefix_reuse_hidden_states(model: Any, input_ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """[B, L, H] decoder output of rows that all start with the same ``prefix_len`` tokens.
+
+    The prefix runs once (batch 1, causal, ``use_cache``); its keys/values are repeated to the
+    batch and the suffixes [B, L - P] run on top with positions P.. . The cache tensors stay in
+    the autograd graph (``DynamicLayer.update`` concatenates, ``batch_repeat_interleave``
+    copies), so gradients flow into the prefix computation and the result equals running
+    every full row. Attention stays causal with no [L, L] mask: on the CPU a masked row costs
+    more than the tokens a tree layout saves (benchmarks/README.md).
+    """
+    b, n = input_ids.shape
+    if not 0 < prefix_len < n:
+        raise ValueError(f"shared_prefix={prefix_len} must be in [1, {n - 1}] for rows of {n} tokens")
+    captured: list[torch.Tensor] = []
+
+    def grab(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    hook = core_model(model).get_decoder().register_forward_hook(grab)
+    try:
+        out = model(input_ids=input_ids[:1, :prefix_len], use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(b)
+        positions = torch.arange(prefix_len, n, device=input_ids.device).expand(b, -1)
+        model(input_ids=input_ids[:, prefix_len:], position_ids=positions, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    finally:
+        hook.remove()
+    return torch.cat([captured[0].expand(b, -1, -1), captured[1]], dim=1)
 
 
 def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0, with_entropy: bool = True,
@@ -117,7 +153,8 @@ def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0, with_en
 
     Args:
         model: a causal LM (possibly wrapped by DeepSpeed / peft).
-        mb: the micro-batch; only positions with ``mb.loss_mask`` are computed.
+        mb: the micro-batch; only positions with ``mb.loss_mask`` are computed. With
+            ``mb.packed`` the decoder runs on the packed rows; the result is laid out as if not.
         temperature: the sampling temperature of the rollouts (> 0).
         with_entropy: also return the entropy of the next-token distribution (nats).
         fused: use ``memact_kernels.linear_logprobs`` instead of LM head + log_softmax.
@@ -128,8 +165,16 @@ def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0, with_en
         entropy: [B, L-1] float32 or None.
     """
     lm = core_model(model)
-    hidden = final_hidden_states(model, mb.input_ids)  # [B, L, H]
-    picked = hidden[:, :-1][mb.loss_mask]  # [N, H]
+    if mb.shared_prefix:
+        hidden = prefix_reuse_hidden_states(model, mb.input_ids, mb.shared_prefix)  # [B, L, H]
+        picked = hidden[:, :-1][mb.loss_mask]  # [N, H]
+    elif mb.packed is None:
+        hidden = final_hidden_states(model, mb.input_ids)  # [B, L, H]
+        picked = hidden[:, :-1][mb.loss_mask]  # [N, H]
+    else:  # packed rows: read each trained target's hidden state from its slot
+        p = mb.packed
+        hidden = final_hidden_states(model, p.input_ids, p.position_ids, p.attention_mask)  # [R, W, H]
+        picked = hidden.reshape(-1, hidden.shape[-1])[p.gather_index]  # [N, H]
     targets = mb.target_ids[mb.loss_mask]  # [N]
     head = lm.get_output_embeddings()
     if fused:

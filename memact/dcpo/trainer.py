@@ -19,7 +19,7 @@ import torch
 from memact.dcpo.advantages import broadcast_to_segments, group_advantages
 from memact.dcpo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from memact.dcpo.config import Config, DCPOConfig, RolloutConfig, to_yaml
-from memact.dcpo.data import MicroBatch, TrainSequence, micro_batches
+from memact.dcpo.data import MicroBatch, TrainSequence
 from memact.dcpo.distributed import (
     DistInfo,
     build_engine,
@@ -31,6 +31,7 @@ from memact.dcpo.distributed import (
 from memact.dcpo.losses import dcpo_loss
 from memact.dcpo.metrics import MetricsLogger, StepBar, mean, std
 from memact.dcpo.modeling import frozen_reference, load_for_training, reference_logprobs, token_logprobs
+from memact.dcpo.packing import build_micro_batches
 from memact.dcpo.plan import check_world
 from memact.dcpo.sampling import sample_segments
 from memact.dcpo.segments import Segment, segment_trajectory
@@ -163,9 +164,12 @@ def split_by_prompt(seqs: list[TrainSequence], parts: int) -> list[list[TrainSeq
 
 def pack_mini_batches(seqs: list[TrainSequence], cfg: Config, pad_id: int, device: Any
                       ) -> list[list[MicroBatch]]:
-    """Mini-batches (one optimizer step each) of micro-batches within the token budget, on ``device``."""
-    budget, multiple = cfg.batch.max_tokens_per_micro_batch, cfg.batch.pad_to_multiple_of
-    return [[mb.to(device) for mb in micro_batches(part, budget, pad_id, multiple)]
+    """Mini-batches (one optimizer step each) of micro-batches within the token budget, on ``device``.
+
+    The layout (one row per segment, packed, or prefix tree) follows ``cfg.batch``.
+    """
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    return [[mb.to(device) for mb in build_micro_batches(part, cfg.batch, pad_id, cfg.model.attn_implementation, dtype)]
             for part in split_by_prompt(seqs, cfg.dcpo.mini_batches)]
 
 
