@@ -57,7 +57,7 @@ def train(cfg: Config) -> Path:
     for step in range(first_step, cfg.run.steps):
         t0 = time.perf_counter()
         seed = step_seed(cfg.run.seed, step, dist.rank)
-        tasks, groups = sample_prompts(cfg.rollout, cfg.run.seed, step, dist)
+        tasks, groups = sample_prompts(cfg.rollout, cfg.run.seed, step, dist, cfg.run.steps)
         with full_weights(engine):
             trajs = rollout.run(tasks, groups, seed)
         t_rollout = time.perf_counter() - t0
@@ -114,9 +114,12 @@ class Rollout:
                             strategy=self.strategy, seed=seed, groups=groups, progress=self.progress)
 
 
-def objectives_at(rc: RolloutConfig, step: int) -> int:
-    """Sub-questions per task at ``step``: the one place a curriculum schedule plugs in."""
-    return rc.objectives
+def objectives_at(rc: RolloutConfig, step: int, total_steps: int = 0) -> int:
+    """Sub-questions per task at ``step``: ``rollout.curriculum`` split evenly over the run."""
+    if not rc.curriculum or total_steps <= 0:
+        return rc.objectives
+    stage = min(step * len(rc.curriculum) // total_steps, len(rc.curriculum) - 1)
+    return int(rc.curriculum[stage])
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -124,12 +127,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo) -> tuple[list[Task], list[int]]:
+def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo,
+                   total_steps: int = 0) -> tuple[list[Task], list[int]]:
     """This rank's prompts of the step, each repeated ``n_traj`` times, and their group ids.
 
     Prompt g of the step goes to rank g % world_size; group ids are the step-wide prompt index.
     """
-    prompts = make_tasks(rc.prompts_per_step, objectives_at(rc, step), seed=seed * 10_007 + step)
+    prompts = make_tasks(rc.prompts_per_step, objectives_at(rc, step, total_steps), seed=seed * 10_007 + step)
     mine = [g for g in range(rc.prompts_per_step) if g % dist.world_size == dist.rank]
     tasks = [prompts[g] for g in mine for _ in range(rc.n_traj)]
     groups = [g for g in mine for _ in range(rc.n_traj)]

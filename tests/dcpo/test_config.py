@@ -75,3 +75,13 @@ def test_dry_run_rejects_uneven_world(tmp_path):
 
     with pytest.raises(SystemExit, match="prompts_per_step=128: expected a multiple of the world size 3"):
         main(["train", "--config", "qwen2.5_14b_dcpo_8xh100.yaml", "--dry-run", "--num-gpus", "3"])
+
+
+def test_curriculum_splits_steps_into_stages():
+    from memact.dcpo.config import RolloutConfig
+    from memact.dcpo.trainer import objectives_at
+
+    rc = RolloutConfig(objectives=3, curriculum=[1, 2, 4])
+    assert [objectives_at(rc, s, 6) for s in range(6)] == [1, 1, 2, 2, 4, 4]
+    assert [objectives_at(rc, s, 4) for s in range(4)] == [1, 1, 2, 4]
+    assert objectives_at(RolloutConfig(objectives=3), 5, 6) == 3
