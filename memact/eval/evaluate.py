@@ -50,7 +50,10 @@ class EvalSpec:
         return cls([System(p, s) for p in policies for s in strategies], objectives, **kw)
 
 
-def make_eval_tasks(data: str | None, k: int, n: int, seed: int, _cache: dict = {}) -> list[Task]:  # noqa: B006
+_HOTPOT: dict[str, tuple[list, list[str]]] = {}  # path -> (rows, corpus): each file is loaded and indexed once
+
+
+def make_eval_tasks(data: str | None, k: int, n: int, seed: int) -> list[Task]:
     """Synthetic tasks, or HotpotQA tasks from ``hotpotqa:PATH`` (file loaded once)."""
     if data is None or data == "synthetic":
         return make_tasks(n, k, seed)
@@ -59,10 +62,10 @@ def make_eval_tasks(data: str | None, k: int, n: int, seed: int, _cache: dict = 
         raise ValueError(f"--data {data!r}: expected 'synthetic' or 'hotpotqa:PATH'")
     from memact.env.hotpotqa import build_corpus, load_hotpotqa, make_hotpot_tasks
 
-    if path not in _cache:
+    if path not in _HOTPOT:
         rows = load_hotpotqa(path)
-        _cache[path] = (rows, build_corpus(rows))
-    rows, corpus = _cache[path]
+        _HOTPOT[path] = (rows, build_corpus(rows))
+    rows, corpus = _HOTPOT[path]
     return make_hotpot_tasks(rows, k, n, seed=seed, corpus=corpus)
 
 
