@@ -134,3 +134,16 @@ def test_llm_judge_counts_equivalent_answers():
     assert len(asked) == 1  # exact matches are not sent to the judge
     with pytest.raises(ValueError, match="openai:MODEL"):
         make_judge("gpt")
+
+
+def test_eval_cli_on_hotpotqa_file(tmp_path):
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps(_hotpot_rows(8)))
+    out = tmp_path / "ev"
+    assert main(["eval", "--policy", "scripted", "--data", f"hotpotqa:{path}", "--objectives", "2,3", "--n", "2",
+                 "--context-budget", "4000", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["k"] for r in summary] == [2, 3] and all(r["accuracy"] == 1.0 for r in summary)
+    with pytest.raises(ValueError, match="hotpotqa:PATH"):
+        main(["eval", "--policy", "scripted", "--data", "squad:x", "--objectives", "2", "--n", "1",
+              "--out", str(out), "--quiet"])
