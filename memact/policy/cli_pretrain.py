@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memact.policy.pretrain import PretrainConfig
+from memact.policy.pretrain_config import PretrainConfig
 
 _D = PretrainConfig()  # defaults shown in --help come from the config itself
 

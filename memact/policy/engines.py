@@ -156,14 +156,8 @@ class HFEngine:
             raise ValueError("every prompt needs at least one token")
         gen = self.generator if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
         stop = torch.tensor(sampling.stop_token_ids or (self.eos_token_id,), device=self.device)
-        b, width = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        b = len(prompts)
+        input_ids, mask, positions = self._left_pad(prompts)
         was_training = self.model.training
         self.model.eval()
         past = None
@@ -265,8 +259,8 @@ class HFEngine:
             self.model.train(was_training)
         return results
 
-    def _prefill(self, prompts: list[list[int]]):
-        """One forward over left-padded prompts: (cache, attention mask, last-position logits)."""
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids, attention mask and position ids (positions follow the mask)."""
         b, width = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
@@ -274,7 +268,11 @@ class HFEngine:
             input_ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _prefill(self, prompts: list[list[int]]):
+        """One forward over left-padded prompts: (cache, attention mask, last-position logits)."""
+        input_ids, mask, positions = self._left_pad(prompts)
         res = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         return res.past_key_values, mask, res.logits[:, -1, :].float()
 

@@ -3,24 +3,10 @@
 import json
 
 import pytest
+from conftest import MICRO
 
 from memact.dcpo.config import load_config
 from memact.dcpo.data import DataError, read_trajectories
-
-MICRO = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
-
-
-@pytest.fixture(scope="module")
-def micro_model_dir(tmp_path_factory, tokenizer):
-    """A 2-layer, 32-wide random model with the task tokenizer: fast enough for a few steps."""
-    from memact.policy.model import ModelPreset, build_model
-
-    out = tmp_path_factory.mktemp("micro")
-    model = build_model(ModelPreset(**MICRO), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
