@@ -100,12 +100,17 @@ class DeepSpeedConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (linear warm-up, then constant)."""
+    """AdamW and the learning-rate schedule (linear warm-up, then constant or cosine decay)."""
 
     lr: float = 1e-6
     """Peak learning rate (published DCPO: 1e-6; a from-scratch tiny model wants 1e-3..3e-3)."""
     warmup_steps: int = 5
     """Optimizer steps of linear warm-up from 0 to ``lr`` (published: 5)."""
+    schedule: str = "constant"
+    """After warm-up: ``constant`` (published DCPO) or ``cosine`` (decay to ``lr * min_lr_ratio``
+    at the last optimizer step of the run; what a from-scratch SFT wants)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule, as a fraction of ``lr``."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     adam_beta1: float = 0.9
@@ -340,6 +345,8 @@ def validate(cfg: Config) -> None:
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     _check(o.lr > 0, "optim.lr", o.lr, "> 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule, "'constant' or 'cosine'")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
     _check(b.max_seq_len >= 2, "batch.max_seq_len", b.max_seq_len, ">= 2")
     _check(b.pad_to_multiple_of >= 1, "batch.pad_to_multiple_of", b.pad_to_multiple_of, ">= 1")

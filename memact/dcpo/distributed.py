@@ -120,8 +120,36 @@ def warmup_then_constant(warmup_steps: int):
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def build_engine(model: torch.nn.Module, cfg: Config) -> Any:
-    """``deepspeed.initialize`` with a torch AdamW (no fused-Adam JIT build) and the warm-up schedule."""
+def warmup_then_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """LR multiplier: the same warm-up, then a cosine from 1 down to ``min_ratio`` at step ``total_steps - 1``."""
+    warm = warmup_then_constant(warmup_steps)
+    span = max(1, total_steps - 1 - warmup_steps)
+
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return warm(s)
+        t = min(1.0, (s - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+def lr_lambda(cfg: Config, total_steps: int | None):
+    o = cfg.optim
+    if o.schedule == "constant":
+        return warmup_then_constant(o.warmup_steps)
+    if o.schedule == "cosine":
+        if not total_steps:
+            raise ConfigError("optim.schedule=cosine needs the run's number of optimizer steps")
+        return warmup_then_cosine(o.warmup_steps, total_steps, o.min_lr_ratio)
+    raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, total_steps: int | None = None) -> Any:
+    """``deepspeed.initialize`` with a torch AdamW (no fused-Adam JIT build) and the LR schedule.
+
+    ``total_steps`` (optimizer steps of the whole run) is needed by ``optim.schedule=cosine``.
+    """
     init_env()
     import deepspeed
 
@@ -132,7 +160,7 @@ def build_engine(model: torch.nn.Module, cfg: Config) -> Any:
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                                   weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(o.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
     return engine

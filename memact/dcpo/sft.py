@@ -41,7 +41,8 @@ def sft(cfg: Config) -> Path:
     dist = start_process(cfg)
     model, tokenizer = load_for_training(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = build_engine(model, cfg)
+    steps = [item for epoch in range(cfg.sft.epochs) for item in epoch_steps(seqs, cfg, epoch)]
+    engine = build_engine(model, cfg, total_steps=len(steps))
     staging = out.parent / f".{out.name}.partial"
     if dist.is_main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -52,7 +53,6 @@ def sft(cfg: Config) -> Path:
               flush=True)
     log = MetricsLogger(staging, cfg, dist.is_main)
     log.table_every = 0  # one line per step is enough for SFT
-    steps = [item for epoch in range(cfg.sft.epochs) for item in epoch_steps(seqs, cfg, epoch)]
     bar = StepBar(len(steps), cfg.logging.progress and dist.is_main, "sft")
     try:
         for step, (epoch, chunk) in enumerate(steps):

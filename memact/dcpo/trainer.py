@@ -50,7 +50,7 @@ def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run.out_dir)
     model, tokenizer = load_for_training(cfg)
     ref = frozen_reference(model) if cfg.dcpo.kl_coef > 0 else None  # the initial policy, frozen
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, cfg, total_steps=cfg.run.steps * cfg.dcpo.ppo_epochs * cfg.dcpo.mini_batches)
     rollout = Rollout(engine.module, tokenizer, cfg.rollout)
     first_step = resume(engine, rollout, cfg.run.resume) if cfg.run.resume else 0
     log, bar = open_run(run_dir, cfg, dist, engine, first_step)

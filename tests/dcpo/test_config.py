@@ -85,3 +85,23 @@ def test_curriculum_splits_steps_into_stages():
     assert [objectives_at(rc, s, 6) for s in range(6)] == [1, 1, 2, 2, 4, 4]
     assert [objectives_at(rc, s, 4) for s in range(4)] == [1, 1, 2, 4]
     assert objectives_at(RolloutConfig(objectives=3), 5, 6) == 3
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from memact.dcpo.distributed import warmup_then_constant, warmup_then_cosine
+
+    f = warmup_then_cosine(warmup_steps=4, total_steps=13, min_ratio=0.1)  # decays over steps 4..12
+    assert [f(s) for s in range(4)] == [warmup_then_constant(4)(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0
+    assert abs(f(8) - 0.55) < 1e-12  # half-way down: 0.1 + 0.9 * 0.5
+    assert abs(f(12) - 0.1) < 1e-12 and abs(f(100) - 0.1) < 1e-12
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
+
+
+def test_schedule_must_be_known():
+    from memact.dcpo.config import Config, validate
+
+    cfg = Config()
+    cfg.optim.schedule = "linear"
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        validate(cfg)
