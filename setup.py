@@ -20,6 +20,7 @@ setup(
         "tokenizers",
         "deepspeed",
         "peft",
+        "accelerate",  # transformers' HfDeepSpeedConfig (ZeRO-3 partitioned loading) requires it
         "datasets",
         "bm25s",
         "wandb",

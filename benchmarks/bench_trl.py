@@ -171,7 +171,7 @@ def worker_memact(args) -> dict:
     engine = build_engine(model, cfg)
     torch.set_num_threads(args.threads)
     minis = pack_mini_batches(seqs, cfg, tok.pad_token_id, "cpu")
-    fill_old_and_ref_logprobs(engine, frozen_reference(engine.module), minis, cfg)
+    fill_old_and_ref_logprobs(engine, frozen_reference(engine.module, cfg), minis, cfg)
     tokens = sum(mb.n_real_tokens for mbs in minis for mb in mbs)
     assert tokens == ids.numel(), (tokens, ids.numel())
     shapes = [tuple(mb.input_ids.shape) for mbs in minis for mb in mbs]

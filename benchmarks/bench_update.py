@@ -57,7 +57,7 @@ def main() -> None:
     mbs = micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, tok.pad_token_id, cfg.batch.pad_to_multiple_of)
     from memact.dcpo.modeling import frozen_reference
 
-    ref = frozen_reference(engine.module)
+    ref = frozen_reference(engine.module, cfg)
     fill_old_and_ref_logprobs(engine, ref, [mbs], cfg)
     tokens = sum(mb.n_real_tokens for mb in mbs)
     lm = engine.module

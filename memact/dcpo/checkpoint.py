@@ -14,7 +14,6 @@ LoRA adapters are merged into the saved HF weights; DeepSpeed's state keeps them
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import shutil
@@ -23,8 +22,8 @@ from typing import Any
 
 import torch
 
-from memact.dcpo.distributed import full_weights
-from memact.dcpo.modeling import core_model
+from memact.dcpo.distributed import barrier, full_weights
+from memact.dcpo.modeling import core_model, merged_lora_state_dict
 
 DS_TAG = "deepspeed"
 STATE_FILE = "trainer_state.pt"
@@ -36,11 +35,10 @@ def save_hf(engine: Any, tokenizer: Any, out: Path, is_main: bool = True) -> Non
     with full_weights(engine):
         if not is_main:
             return
-        if hasattr(model, "merge_and_unload"):  # peft: save the merged weights, keep training the adapters
-            model = copy.deepcopy(model).merge_and_unload()
+        if hasattr(model, "get_base_model"):  # peft: save merged weights, keep training the adapters
+            core_model(model).save_pretrained(out, state_dict=merged_lora_state_dict(model))
         else:
-            model = core_model(model)
-        model.save_pretrained(out)
+            core_model(model).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -72,7 +70,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, run_dir: Path, step: int, state
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     save_hf(engine, tokenizer, tmp, is_main)
     engine.save_checkpoint(str(tmp / "trainer"), tag=DS_TAG, save_latest=False)
     if is_main:
@@ -83,7 +81,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, run_dir: Path, step: int, state
         if keep > 0:
             for old in sorted(root.glob("step_*"))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -101,9 +99,3 @@ def load_checkpoint(engine: Any, ckpt: str | os.PathLike) -> dict[str, Any]:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {str(ckpt / 'trainer' / DS_TAG)!r}")
     return torch.load(state_file, weights_only=False)
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()

@@ -70,14 +70,16 @@ def run_sft(args: argparse.Namespace) -> int:
         raise SystemExit("memact sft: no trajectories given: pass --data FILE.jsonl (or sft.data=FILE.jsonl)")
     if args.dry_run:
         return _dry_run(cfg, args, "sft")
+    from memact.dcpo.config import ConfigError
     from memact.dcpo.data import DataError
     from memact.dcpo.sft import sft
 
     try:
         out = sft(cfg)
-    except (DataError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as err:
         raise SystemExit(f"memact sft: {err}") from None
-    print(f"[memact] SFT done -> {out}", file=sys.stderr)
+    if _is_rank0():
+        print(f"[memact] SFT done -> {out}", file=sys.stderr)
     return 0
 
 
@@ -92,8 +94,13 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = train(cfg)
     except (ConfigError, FileNotFoundError) as err:
         raise SystemExit(f"memact train: {err}") from None
-    print(f"[memact] DCPO done -> {run_dir}", file=sys.stderr)
+    if _is_rank0():
+        print(f"[memact] DCPO done -> {run_dir}", file=sys.stderr)
     return 0
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _dry_run(cfg, args: argparse.Namespace, mode: str) -> int:

@@ -176,7 +176,8 @@ class RolloutConfig:
     """Largest context of one call, in tokens (published: 20K); breaking it ends the episode
     with the penalty reward."""
     max_steps: int = 40
-    """Largest number of turns of one episode (published: 40)."""
+    """Step budget of one EPISODE: the most agent turns (generation calls) before it ends with
+    the penalty reward (published: 40). Not the number of training steps (``run.steps``)."""
     strategy: str = "memact"
     """How the context is managed: ``memact`` (the ``prune_context`` tool, what DCPO trains),
     ``full``, ``sliding_window[:K]`` or ``summarize[:F]`` (baselines; see memact.policy.strategies)."""
@@ -234,7 +235,8 @@ class RunConfig:
     out_dir: str = "runs/dcpo"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/."""
     steps: int = 10
-    """DCPO steps (each: rollouts, then ``ppo_epochs * mini_batches`` optimizer steps)."""
+    """DCPO training steps of the run (each: rollouts, then ``ppo_epochs * mini_batches``
+    optimizer steps). Not the per-episode turn budget (``rollout.max_steps``)."""
     seed: int = 0
     """Seed of tasks, record ids, sampling, segment choice and shuffling."""
     threads: int = 1

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from memact.dcpo.config import Config, ConfigError, resolve_path
-from memact.dcpo.data import MicroBatch
+from memact.dcpo.data import MicroBatch, TrainSequence, collate
 from memact.dcpo.losses import StepNormalizer
 
 
@@ -112,6 +112,39 @@ def zero_stage(cfg: Config) -> int:
     return int(deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0))
 
 
+@contextlib.contextmanager
+def zero3_init(cfg: Config):
+    """Under ZeRO-3, ``from_pretrained`` inside this block builds the model already partitioned.
+
+    transformers' DeepSpeed integration: while an ``HfDeepSpeedConfig`` of a stage-3 config is
+    alive, ``from_pretrained`` constructs the model inside ``deepspeed.zero.Init`` (each rank
+    allocates only its shard of every parameter) and loads the checkpoint one module at a time
+    (gather the module's parameters, rank 0 copies the weights in, re-partition). No rank ever
+    holds the whole model on its device. (The checkpoint tensors are read on the host,
+    memory-mapped from the safetensors files.)
+
+    The config object is dropped on exit: after loading, nothing on our path asks transformers
+    about ZeRO-3 (its ``generate(synced_gpus=...)`` would; the rollout engine has its own loop),
+    and a later ``from_pretrained`` in the same process (a test, an evaluation) must load a
+    plain model again. Re-entrant; a no-op for stages 0-2.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if zero_stage(cfg) != 3 or is_deepspeed_zero3_enabled():
+        yield
+        return
+    init_env()  # zero.Init needs the process group; it starts it from these variables
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _skip_shm_comm_build()
+    keep_alive = HfDeepSpeedConfig(deepspeed_config(cfg))  # noqa: F841 (transformers holds a weakref)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
 def warmup_then_constant(warmup_steps: int):
     """LR multiplier at optimizer step s: (s + 1) / warmup during warm-up, then 1.
 
@@ -196,13 +229,69 @@ def full_weights(engine: Any):
         yield
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to do in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL takes only GPU tensors, gloo CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
     """Sum scalars over ranks (identity in one process)."""
     if world_size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def max_over_ranks(n: int, world_size: int) -> int:
+    """The largest ``n`` of any rank (identity in one process)."""
+    if world_size == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def idle_micro_batch(device: Any, pad_id: int = 0) -> MicroBatch:
+    """A stand-in micro-batch that trains nothing: one row of two tokens, an empty loss mask.
+
+    Run through ``token_logprobs`` it calls the same modules as a real micro-batch (the whole
+    decoder, the LM head), so ZeRO-3 gathers the same parameters; its loss is 0 and every
+    parameter gets an all-zero gradient.
+    """
+    seq = TrainSequence(tokens=[pad_id, pad_id], prompt_len=2, loss_mask=[], rollout_logprobs=[])
+    return collate([seq], [], pad_id).to(device)
+
+
+def lockstep(mbs: list[MicroBatch], dist: DistInfo, engine: Any) -> list[MicroBatch]:
+    """``mbs`` followed by idle stand-ins up to the largest micro-batch count of any rank.
+
+    Micro-batches are packed by a token budget, so ranks can have different numbers of them
+    in a step (or none: an SFT step with fewer segments than ranks). Every rank must still
+    run the same sequence of forward and backward passes: ZeRO-3 all-gathers each module's
+    parameters in its forward and reduce-scatters gradients in every backward, ZeRO-2
+    reduces gradients in backward, and ``engine.step()`` reduces at the boundary. A rank that
+    ran fewer passes left the others' collectives unmatched (measured on 2 ranks: ZeRO-1
+    failed in ``step()`` when a rank had no micro-batch, ZeRO-3 aborted in gloo with 4
+    micro-batches against 3). The stand-ins train nothing (``idle_micro_batch``); step
+    normalisers are computed from the real micro-batches only.
+    """
+    n = max_over_ranks(len(mbs), dist.world_size)
+    return list(mbs) + [idle_micro_batch(engine.device) for _ in range(n - len(mbs))]
+
+
+def is_idle(mb: MicroBatch) -> bool:
+    """A stand-in from ``idle_micro_batch``: nothing to train, only there to keep ranks in step."""
+    return not mb.index and not bool(mb.loss_mask.any())
 
 
 def step_normalizer(mbs: list[MicroBatch], dist: DistInfo) -> StepNormalizer:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from memact.dcpo.config import Config
+from memact.dcpo.config import Config, ConfigError
 from memact.dcpo.data import MicroBatch
+from memact.dcpo.distributed import deepspeed_config, zero3_init, zero_stage
 
 
 def core_model(model: Any) -> Any:
@@ -25,15 +26,10 @@ def core_model(model: Any) -> Any:
     return model
 
 
-def load_for_training(cfg: Config) -> tuple[Any, Any]:
-    """Model and tokenizer from ``cfg.model.path``, LoRA applied.
-
-    Weights load in ``model.dtype`` (bf16 halves host memory for a large model; DeepSpeed
-    keeps the fp32 master copy in its optimizer).
-    """
+def _load_weights(cfg: Config) -> Any:
+    """``from_pretrained`` of ``cfg.model.path`` in ``model.dtype``; under ZeRO-3 partitioned as it
+    loads (``zero3_init``: every parameter is a ZeRO-3 shard from the start)."""
     from transformers import AutoModelForCausalLM
-
-    from memact.policy.model import load_tokenizer
 
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
@@ -41,10 +37,30 @@ def load_for_training(cfg: Config) -> tuple[Any, Any]:
             f"model.path={cfg.model.path!r} is not a model directory (no config.json); build one with "
             "`memact new-model --preset tiny --out DIR` or point it at a local checkpoint"
         )
-    tokenizer = load_tokenizer(path)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                 attn_implementation=cfg.model.attn_implementation)
+    with zero3_init(cfg):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                    attn_implementation=cfg.model.attn_implementation)
+
+
+def load_for_training(cfg: Config) -> tuple[Any, Any]:
+    """Model and tokenizer from ``cfg.model.path``, LoRA applied.
+
+    Weights load in ``model.dtype`` (bf16 halves host memory for a large model; DeepSpeed
+    keeps the fp32 master copy in its optimizer). With ZeRO stage 3 the model is built inside
+    ``deepspeed.zero.Init`` through transformers' DeepSpeed integration, so no rank
+    materialises the whole model (``distributed.zero3_init``); LoRA adapters, created after,
+    are small and are partitioned by ``deepspeed.initialize``. Such a model runs only through
+    its DeepSpeed engine (its parameters are empty shards outside the engine's forward).
+    """
+    from memact.policy.model import load_tokenizer
+
+    if cfg.model.fused_logprobs and zero_stage(cfg) == 3:
+        # The kernel reads the LM head's weight outside the module call, where ZeRO-3 leaves
+        # an empty shard (measured: "weight must be a 2-D [V, H] tensor, got (0,)").
+        raise ConfigError("model.fused_logprobs=true is not supported with ZeRO stage 3; use stage 0-2")
+    model = _load_weights(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -59,15 +75,68 @@ def load_for_training(cfg: Config) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def frozen_reference(model: Any) -> Any:
-    """A frozen copy of the initial policy for the KL term (None with LoRA: the adapters are
-    switched off instead, which gives the initial model without a second copy)."""
+def frozen_reference(model: Any, cfg: Config) -> Any:
+    """The initial policy, frozen, for the KL term. Call it before any update.
+
+    - LoRA: None. The adapters are switched off instead (``reference_logprobs``), which gives
+      the initial model with no second copy.
+    - ZeRO-3: ``model.path`` loaded a second time, partitioned as it loads (``zero3_init``),
+      and wrapped in a DeepSpeed engine with the same ZeRO-3 config and no optimizer
+      (DeepSpeed's ZeRO-3 inference mode: its forward gathers each module's parameters and
+      releases them after). Each rank holds 1/world of the reference, as of the policy.
+    - ZeRO 0-2: a deep copy of the loaded model. Those stages keep the whole trained model on
+      every rank anyway; the reference is one more full (frozen, gradient-free) copy per rank.
+    """
     if hasattr(model, "disable_adapter"):
         return None
+    if zero_stage(cfg) == 3:
+        import deepspeed
+
+        ref = _load_weights(cfg)
+        ref.requires_grad_(False)
+        ds = deepspeed_config(cfg)
+        ds["zero_optimization"].pop("offload_optimizer", None)  # no optimizer here
+        engine, _, _, _ = deepspeed.initialize(model=ref, config=ds)
+        engine.eval()
+        return engine
     ref = copy.deepcopy(core_model(model))
     ref.requires_grad_(False)
     ref.eval()
     return ref
+
+
+def merged_lora_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The state dict a plain HF model with the LoRA adapters merged in would have.
+
+    Every LoRA-wrapped layer's base weight plus its adapters' delta (``get_delta_weight``:
+    scale * B @ A), under the names without peft's ``base_layer`` / ``lora_*`` parts; every
+    other tensor as is. What ``merge_and_unload()`` would save, without copying the model or
+    touching the trained one. Needs whole weights (inside ``full_weights`` under ZeRO-3).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = core_model(model)
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    d = module.get_delta_weight(adapter)
+                    key = f"{name}.weight"
+                    deltas[key] = deltas[key] + d if key in deltas else d
+    out: dict[str, torch.Tensor] = {}
+    for key, value in base.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        key = ".".join(p for p in parts if p != "base_layer")
+        value = value.detach()
+        if key in deltas:
+            value = (value.float() + deltas.pop(key).float()).to(value.dtype)
+        out[key] = value
+    if deltas:
+        raise RuntimeError(f"LoRA deltas without a base weight: {sorted(deltas)}")
+    return out
 
 
 @torch.no_grad()

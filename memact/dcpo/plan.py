@@ -13,6 +13,7 @@ from memact.dcpo.distributed import (
     model_from_config,
     parameter_counts,
     print_deepspeed_estimates,
+    zero_stage,
 )
 
 
@@ -49,6 +50,11 @@ def check_world(cfg: Config, world_size: int) -> None:
     if p // world_size < cfg.dcpo.mini_batches:
         raise ConfigError(f"dcpo.mini_batches={cfg.dcpo.mini_batches}: expected <= prompts per rank "
                           f"({p // world_size})")
+    if b.prefix_reuse and world_size > 1 and zero_stage(cfg) == 3:
+        # ZeRO-3 gathers parameters module call by module call, so ranks must call the same
+        # modules in the same order; a prefix-reuse micro-batch runs the decoder twice, a
+        # micro-batch without a shared prefix once.
+        raise ConfigError("batch.prefix_reuse=true: not supported with ZeRO stage 3 on more than one rank")
 
 
 def _count(n: int) -> str:
@@ -90,10 +96,11 @@ def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
         lines += [
             f"step         {r.prompts_per_step} prompts ({per_rank} per rank) x N_traj {r.n_traj} = "
             f"{r.prompts_per_step * r.n_traj} trajectories ({per_rank * r.n_traj} per rank); K = {r.objectives}; "
-            f"context budget {r.context_budget} tokens, {r.max_steps} turns",
+            f"context budget {r.context_budget} tokens, {r.max_steps} turns per episode (rollout.max_steps)",
             f"segments     {seg_text}",
             f"updates      {d.ppo_epochs} epoch(s) x {d.mini_batches} mini-batch(es) = "
-            f"{d.ppo_epochs * d.mini_batches} optimizer step(s) per DCPO step; {cfg.run.steps} DCPO steps",
+            f"{d.ppo_epochs * d.mini_batches} optimizer step(s) per DCPO step; {cfg.run.steps} DCPO training "
+            "steps (run.steps)",
         ]
         if seg_rank is not None:
             seg_opt = ceil_div(seg_rank, d.mini_batches)
@@ -115,9 +122,14 @@ def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
         lines.append(f"memory       DeepSpeed estimate of model states (params, grads, optimizer) per GPU: "
                      f"{gib:.1f} GiB (activations not included)")
     if mode == "train" and d.kl_coef > 0 and not cfg.lora.enabled:
-        bytes_per = 2 if cfg.model.dtype == "bfloat16" else 4
-        lines.append(f"reference    + {total * bytes_per / 2**30:.1f} GiB per GPU: the frozen initial model is a "
-                     "full, unsharded copy (kl_coef > 0; LoRA avoids it)")
+        ref_gib = total * (2 if cfg.model.dtype == "bfloat16" else 4) / 2**30
+        if stage == 3:
+            lines.append(f"reference    + {ref_gib / world.size:.1f} GiB per GPU: the frozen initial model, "
+                         f"ZeRO-3-sharded over {world.size} rank(s) (a DeepSpeed engine without optimizer; "
+                         "kl_coef > 0; LoRA avoids it)")
+        else:
+            lines.append(f"reference    + {ref_gib:.1f} GiB per GPU: the frozen initial model is a full, unsharded "
+                         f"copy at ZeRO stage {stage} (kl_coef > 0; ZeRO 3 shards it, LoRA avoids it)")
     print("\n".join(lines), flush=True)
     print_deepspeed_estimates(stage, total, largest, world.gpus_per_node, world.nodes)
     return "\n".join(lines)

@@ -22,7 +22,10 @@ from memact.dcpo.data import TrainSequence, micro_batches, read_trajectories
 from memact.dcpo.distributed import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     build_engine,
+    is_idle,
+    lockstep,
     optimizer_step,
     start_process,
     step_normalizer,
@@ -68,6 +71,7 @@ def sft(cfg: Config) -> Path:
         save_hf(engine, tokenizer, staging, dist.is_main)
         if dist.is_main:
             staging.replace(out) if not out.exists() else _replace_empty(out, staging)
+        barrier()  # every rank returns once the output directory is in place
     except BaseException:
         bar.stop()
         log.close()
@@ -97,17 +101,18 @@ def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: 
     """One optimizer step of token-mean cross-entropy over ``seqs``, accumulated over micro-batches.
 
     Returns:
-        (loss in nats per trained token, trained tokens, real tokens fed to the model, gradient norm).
+        (loss in nats per trained token, trained tokens, real tokens fed to the model, gradient
+        norm), all over every rank.
     """
     mbs = [mb.to(engine.device) for mb in
            micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, pad_id, cfg.batch.pad_to_multiple_of)]
     norm = step_normalizer(mbs, dist)
     total = 0.0
-    for mb in mbs:
+    for mb in lockstep(mbs, dist, engine):  # as many passes as the busiest rank
         logp, _ = token_logprobs(engine, mb, 1.0, with_entropy=False, fused=cfg.model.fused_logprobs)
-        loss = aggregate(-logp, mb.loss_mask, "token_mean", norm)
+        loss = logp.sum() * 0.0 if is_idle(mb) else aggregate(-logp, mb.loss_mask, "token_mean", norm)
         engine.backward(loss * dist.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
         total += loss.item()
     grad_norm = optimizer_step(engine)
-    total = all_reduce_sum([total], dist.world_size)[0]
-    return total, norm.token_count, sum(mb.n_real_tokens for mb in mbs), grad_norm
+    total, fed = all_reduce_sum([total, sum(mb.n_real_tokens for mb in mbs)], dist.world_size)
+    return total, norm.token_count, int(fed), grad_norm

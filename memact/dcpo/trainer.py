@@ -24,6 +24,8 @@ from memact.dcpo.distributed import (
     DistInfo,
     build_engine,
     full_weights,
+    is_idle,
+    lockstep,
     optimizer_step,
     start_process,
     step_normalizer,
@@ -49,7 +51,7 @@ def train(cfg: Config) -> Path:
     check_world(cfg, dist.world_size)
     run_dir = Path(cfg.run.out_dir)
     model, tokenizer = load_for_training(cfg)
-    ref = frozen_reference(model) if cfg.dcpo.kl_coef > 0 else None  # the initial policy, frozen
+    ref = frozen_reference(model, cfg) if cfg.dcpo.kl_coef > 0 else None  # the initial policy, frozen
     engine = build_engine(model, cfg, total_steps=cfg.run.steps * cfg.dcpo.ppo_epochs * cfg.dcpo.mini_batches)
     rollout = Rollout(engine.module, tokenizer, cfg.rollout)
     first_step = resume(engine, rollout, cfg.run.resume) if cfg.run.resume else 0
@@ -66,13 +68,13 @@ def train(cfg: Config) -> Path:
         segments = [segment_trajectory(t.calls) for t in trajs]
         seqs = select_segments(segments, traj_adv, groups, cfg.dcpo, random.Random(seed))
         minis = pack_mini_batches(seqs, cfg, rollout.pad_id, engine.device)
-        fill_old_and_ref_logprobs(engine, ref, minis, cfg)
+        fill_old_and_ref_logprobs(engine, ref, minis, cfg, dist)
         t1, lr = time.perf_counter(), engine.get_lr()[0]
         stats = update(engine, minis, cfg, dist)
         t_update = time.perf_counter() - t1
         sync_weights(rollout.engine, engine)
         row = step_metrics(step, trajs, traj_adv, segments, seqs, minis, stats, lr, t_rollout, t_update,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, dist)
         log.log(row)
         bar.update(step + 1, f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.2f} kl {row['kl']:.1e}")
         if should_save(step, cfg):
@@ -186,12 +188,15 @@ def trainer_temperature(cfg: Config) -> float:
 
 
 @torch.no_grad()
-def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch]], cfg: Config) -> None:
+def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch]], cfg: Config,
+                              dist: DistInfo | None = None) -> None:
     """Old log-probs from the current policy before any update (the ratio's denominator), and
     reference log-probs when the KL term is on. The engine's rollout log-probs stay for the
     mismatch metric only: the trainer's forward is the consistent baseline for the ratio."""
+    dist = dist or DistInfo(0, 1, 0)
     temp = trainer_temperature(cfg)
-    for mb in (mb for mbs in minis for mb in mbs):
+    mine = [mb for mbs in minis for mb in mbs]
+    for mb in lockstep(mine, dist, engine):  # ZeRO-3: every rank runs as many forwards
         mb.old_logprobs, _ = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)
         if cfg.dcpo.kl_coef > 0:
             mb.ref_logprobs = reference_logprobs(engine, ref, mb, temp, fused=cfg.model.fused_logprobs)
@@ -233,9 +238,12 @@ def accumulate(engine: Any, mbs: list[MicroBatch], cfg: Config, dist: DistInfo, 
     """
     dc, temp = cfg.dcpo, trainer_temperature(cfg)
     norm = step_normalizer(mbs, dist)
-    for mb in mbs:
+    for mb in lockstep(mbs, dist, engine):  # as many passes as the busiest rank
         logp, ent = token_logprobs(engine, mb, temp, fused=cfg.model.fused_logprobs,
                                    entropy_grad=dc.entropy_coef != 0)
+        if is_idle(mb):
+            engine.backward(logp.sum() * 0.0, scale_wrt_gas=False)
+            continue
         loss, m = dcpo_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, norm,
                             traj_index=mb.traj_index, clip_low=dc.clip_low, clip_high=dc.clip_high,
                             kl_coef=dc.kl_coef, ref_log_probs=mb.ref_logprobs,
@@ -274,50 +282,91 @@ def sync_weights(rollout_engine: Any, engine: Any) -> None:
 
 def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, segments: list[list[Segment]],
                  seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, lr: float,
-                 t_rollout: float, t_update: float, t_step: float) -> dict[str, float]:
-    """One row of metrics.jsonl (names explained in docs/training.md)."""
-    rewards = [t.reward for t in trajs]
-    correct = [c for t in trajs for c in t.correct]
-    adv = traj_adv.tolist()
+                 t_rollout: float, t_update: float, t_step: float, dist: DistInfo | None = None) -> dict[str, float]:
+    """One row of metrics.jsonl (names explained in docs/training.md), over every rank's
+    trajectories and updates (rank 0's wall times)."""
     diffs = [mb.rollout_logprobs[mb.loss_mask] - mb.old_logprobs[mb.loss_mask] for mbs in minis for mb in mbs]
     diff = torch.cat(diffs).abs() if diffs else torch.zeros(0)
-    gen_tokens = sum(len(c.output_ids) for t in trajs for c in t.calls)
-    tokens = max(stats.tokens, 1)
+    part = {  # this rank's share: lists are concatenated over ranks, numbers summed (maxima: max)
+        "rewards": [t.reward for t in trajs],
+        "correct": [float(c) for t in trajs for c in t.correct],
+        "adv": traj_adv.tolist(),
+        "segments": [len(s) for s in segments],
+        "context_mean": [t.metrics["mean_context_tokens"] for t in trajs],
+        "context_peak": [t.metrics["peak_context_tokens"] for t in trajs],
+        "memory_actions": [t.metrics["memory_actions"] for t in trajs],
+        "overflow": [float(t.metrics["overflow"]) for t in trajs],
+        "turns": [t.metrics["steps"] for t in trajs],
+        "gen_tokens": sum(len(c.output_ids) for t in trajs for c in t.calls),
+        "segments_trained": len(seqs),
+        "loss": stats.loss,  # each rank's share of the step's globally normalised loss
+        "pg_loss": stats.pg_loss,
+        "clipped_tokens": stats.clipped_tokens,
+        "kl_sum": stats.kl_sum,
+        "entropy_sum": stats.entropy_sum,
+        "tokens": stats.tokens,
+        "fed_tokens": stats.fed_tokens,
+        "micro_batches": stats.micro_batches,
+        "diff_sum": float(diff.sum()),
+        "diff_n": diff.numel(),
+        "diff_max": float(diff.max()) if diff.numel() else 0.0,
+        "ratio_max": stats.ratio_max,
+    }
+    a = gather_parts(part, dist or DistInfo(0, 1, 0))
+    adv, tokens = a["adv"], max(a["tokens"], 1)
     return {
         "step": step,
-        "reward_mean": mean(rewards),
-        "reward_std": std(rewards),
-        "accuracy": mean([float(c) for c in correct]),
+        "reward_mean": mean(a["rewards"]),
+        "reward_std": std(a["rewards"]),
+        "accuracy": mean(a["correct"]),
         "adv_mean": mean(adv),
         "adv_std": std(adv),
-        "adv_abs_mean": mean([abs(a) for a in adv]),
-        "adv_zero_frac": mean([float(a == 0) for a in adv]),
-        "loss": stats.loss,
-        "pg_loss": stats.pg_loss,
-        "clip_fraction": stats.clipped_tokens / tokens,
-        "ratio_max": stats.ratio_max,
-        "kl": stats.kl_sum / tokens,
-        "entropy": stats.entropy_sum / tokens,
-        "grad_norm": mean(stats.grad_norms or []),
+        "adv_abs_mean": mean([abs(x) for x in adv]),
+        "adv_zero_frac": mean([float(x == 0) for x in adv]),
+        "loss": a["loss"],
+        "pg_loss": a["pg_loss"],
+        "clip_fraction": a["clipped_tokens"] / tokens,
+        "ratio_max": a["ratio_max"],
+        "kl": a["kl_sum"] / tokens,
+        "entropy": a["entropy_sum"] / tokens,
+        "grad_norm": mean(stats.grad_norms or []),  # already global
         "lr": lr,  # the rate of this step's first update
-        "logprob_mismatch_mean": float(diff.mean()) if diff.numel() else 0.0,
-        "logprob_mismatch_max": float(diff.max()) if diff.numel() else 0.0,
-        "segments_per_traj": mean([len(s) for s in segments]),
-        "segments_trained": len(seqs),
-        "micro_batches": stats.micro_batches,
+        "logprob_mismatch_mean": a["diff_sum"] / a["diff_n"] if a["diff_n"] else 0.0,
+        "logprob_mismatch_max": a["diff_max"],
+        "segments_per_traj": mean(a["segments"]),
+        "segments_trained": a["segments_trained"],
+        "micro_batches": a["micro_batches"],
         "optimizer_steps": stats.optimizer_steps,
-        "trained_tokens": stats.tokens,
-        "context_mean": mean([t.metrics["mean_context_tokens"] for t in trajs]),
-        "context_peak": max((t.metrics["peak_context_tokens"] for t in trajs), default=0),
-        "memory_actions": mean([t.metrics["memory_actions"] for t in trajs]),
-        "overflow_rate": mean([float(t.metrics["overflow"]) for t in trajs]),
-        "turns": mean([t.metrics["steps"] for t in trajs]),
-        "rollout_tok_s": gen_tokens / max(t_rollout, 1e-9),
-        "update_tok_s": stats.fed_tokens / max(t_update, 1e-9),
+        "trained_tokens": a["tokens"],
+        "context_mean": mean(a["context_mean"]),
+        "context_peak": max(a["context_peak"], default=0),
+        "memory_actions": mean(a["memory_actions"]),
+        "overflow_rate": mean(a["overflow"]),
+        "turns": mean(a["turns"]),
+        "rollout_tok_s": a["gen_tokens"] / max(t_rollout, 1e-9),
+        "update_tok_s": a["fed_tokens"] / max(t_update, 1e-9),
         "rollout_s": t_rollout,
         "update_s": t_update,
         "step_s": t_step,
     }
+
+
+def gather_parts(part: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """Every rank's ``part`` combined: lists concatenated, ``*_max`` by max, other numbers summed."""
+    if dist.world_size == 1:
+        return part
+    parts: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, part)
+    out: dict[str, Any] = {}
+    for key, value in part.items():
+        values = [p[key] for p in parts]
+        if isinstance(value, list):
+            out[key] = [x for v in values for x in v]
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values)
+    return out
 
 
 def should_save(step: int, cfg: Config) -> bool:

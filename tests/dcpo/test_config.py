@@ -68,6 +68,9 @@ def test_dry_run_14b_without_weights(capsys, tmp_path):
     assert "14.77B parameters" in out  # Qwen2.5-14B
     assert "1024 trajectories (128 per rank)" in out and "1536 (192 per rank" in out
     assert "per GPU" in out and "GiB" in out
+    # The paper's "40 steps" is the per-episode turn budget; training steps are a separate knob.
+    assert "40 turns per episode (rollout.max_steps)" in out and "DCPO training steps (run.steps)" in out
+    assert "reference    + 3.4 GiB per GPU: the frozen initial model, ZeRO-3-sharded over 8 rank(s)" in out
 
 
 def test_dry_run_rejects_uneven_world(tmp_path):

@@ -246,9 +246,9 @@ def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments)
     from memact.dcpo.distributed import build_engine, optimizer_step
     from memact.dcpo.modeling import load_for_training
 
-    cfg = load_config(None, [f"model.path={micro_model_dir}", "deepspeed.zero_stage=3", "dcpo.kl_coef=0",
-                             "optim.max_grad_norm=0", "batch.max_seq_len=4096"])
-    model, tok = load_for_training(cfg)
+    overrides = [f"model.path={micro_model_dir}", "dcpo.kl_coef=0", "optim.max_grad_norm=0", "batch.max_seq_len=4096"]
+    cfg = load_config(None, overrides + ["deepspeed.zero_stage=3"])
+    plain, tok = load_for_training(load_config(None, overrides + ["deepspeed.zero_stage=0"]))
     seqs = scripted_segments[:4]
     width = -(-max(len(s) for s in seqs) // 64) * 64
 
@@ -256,15 +256,61 @@ def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments)
         mbs = micro_batches(seqs, budget, tok.pad_token_id, 64)
         for mb in mbs:
             with torch.no_grad():
-                mb.old_logprobs = token_logprobs(model, mb, 1.0, with_entropy=False)[0] - 0.1 * mb.loss_mask
+                mb.old_logprobs = token_logprobs(plain, mb, 1.0, with_entropy=False)[0] - 0.1 * mb.loss_mask
         return mbs
 
     one, four = prepared(width * 4), prepared(width)
     assert (len(one), len(four)) == (1, 4)
-    model.zero_grad(set_to_none=True)
-    accumulate(ShimEngine(model), one, cfg, ONE, UpdateStats(grad_norms=[]))
-    expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
-    model.zero_grad(set_to_none=True)
+    plain.zero_grad(set_to_none=True)
+    accumulate(ShimEngine(plain), one, cfg, ONE, UpdateStats(grad_norms=[]))
+    expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])))
+    model, _ = load_for_training(cfg)  # partitioned as it loads: runs only through its engine
     engine = build_engine(model, cfg)
     accumulate(engine, four, cfg, ONE, UpdateStats(grad_norms=[]))
     assert optimizer_step(engine) == pytest.approx(expected, rel=1e-4)
+
+
+def test_zero3_loads_partitioned_and_shards_the_reference(micro_model_dir, tmp_path):
+    """ZeRO-3: the policy and the KL reference are built under zero.Init (no rank holds a whole
+    model), the reference is a DeepSpeed ZeRO-3 engine without optimizer, and two DCPO steps
+    give the metrics and weights of ZeRO 1."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from memact.dcpo.modeling import frozen_reference, load_for_training
+    from memact.dcpo.trainer import train
+    from memact.policy.model import load_policy
+
+    cfg = _cfg(micro_model_dir, tmp_path / "z3", 2, "deepspeed.zero_stage=3")
+    model, _ = load_for_training(cfg)
+    params = list(model.parameters())
+    assert params and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 and p.ds_numel > 0
+                          for p in params)
+    ref = frozen_reference(model, cfg)
+    assert ref.zero_optimization_stage() == 3 and ref.optimizer.__class__.__name__ == "DeepSpeedZeRoOffload"
+    assert all(p.numel() == 0 and not p.requires_grad for p in ref.module.parameters())
+    assert not is_deepspeed_zero3_enabled()  # a later from_pretrained loads a plain model again
+    assert all(p.numel() > 0 for p in AutoModelForCausalLM.from_pretrained(micro_model_dir).parameters())
+    del model, ref
+
+    z3 = train(cfg)
+    z1 = train(_cfg(micro_model_dir, tmp_path / "z1", 2, "deepspeed.zero_stage=1"))
+    for a, b in zip(_rows(z1), _rows(z3), strict=True):
+        for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "reward_mean", "trained_tokens"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+    assert _rows(z3)[1]["kl"] > 0  # the sharded reference was used
+    w1, _ = load_policy(z1 / "checkpoints" / "step_000002")
+    w3, _ = load_policy(z3 / "checkpoints" / "step_000002")
+    for (n, a), (_, b) in zip(w1.named_parameters(), w3.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-4), n
+
+
+def test_zero3_refuses_fused_logprobs(micro_model_dir):
+    """The fused kernel reads the LM head's weight outside its module call: an empty shard under ZeRO-3."""
+    from memact.dcpo.config import ConfigError
+    from memact.dcpo.modeling import load_for_training
+
+    cfg = load_config(None, [f"model.path={micro_model_dir}", "deepspeed.zero_stage=3", "model.fused_logprobs=true"])
+    with pytest.raises(ConfigError, match="fused_logprobs=true is not supported with ZeRO stage 3"):
+        load_for_training(cfg)
