@@ -40,3 +40,13 @@ def micro_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def scripted_jsonl(tmp_path_factory):
+    """Four scripted K=1 trajectories (``memact rollout --policy scripted`` output) as a JSONL file."""
+    from memact.policy.rollout import rollout, trajectory_json, write_jsonl_atomic
+
+    path = tmp_path_factory.mktemp("data") / "scripted.jsonl"
+    write_jsonl_atomic(path, [trajectory_json(t) for t in rollout("scripted", 1, 4, progress=False)])
+    return path

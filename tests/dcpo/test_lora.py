@@ -18,15 +18,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the default lora.target_mo
 LORA = ["lora.enabled=true", f"lora.r={R}", f"lora.alpha={ALPHA}"]
 
 
-@pytest.fixture(scope="module")
-def scripted_jsonl(tmp_path_factory):
-    from memact.policy.rollout import rollout, trajectory_json, write_jsonl_atomic
-
-    path = tmp_path_factory.mktemp("data") / "scripted.jsonl"
-    write_jsonl_atomic(path, [trajectory_json(t) for t in rollout("scripted", 1, 4, progress=False)])
-    return path
-
-
 def _weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 

@@ -22,15 +22,6 @@ import memact
 ROOT = Path(memact.__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def scripted_jsonl(tmp_path_factory):
-    from memact.policy.rollout import rollout, trajectory_json, write_jsonl_atomic
-
-    path = tmp_path_factory.mktemp("data") / "scripted.jsonl"
-    write_jsonl_atomic(path, [trajectory_json(t) for t in rollout("scripted", 1, 4, progress=False)])
-    return path
-
-
 def _args(data, out, model, *extra):
     # 8 segments, 7 a step: step 0 splits 4 / 3 between the ranks, step 1 is 1 / 0.
     return ["sft", "--data", str(data), "--out", str(out), f"model.path={model}", "logging.progress=false",

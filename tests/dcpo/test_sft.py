@@ -9,15 +9,6 @@ from memact.dcpo.config import load_config
 from memact.dcpo.data import DataError, read_trajectories
 
 
-@pytest.fixture(scope="module")
-def scripted_jsonl(tmp_path_factory):
-    from memact.policy.rollout import rollout, trajectory_json, write_jsonl_atomic
-
-    path = tmp_path_factory.mktemp("data") / "scripted.jsonl"
-    write_jsonl_atomic(path, [trajectory_json(t) for t in rollout("scripted", 1, 4, progress=False)])
-    return path
-
-
 def _sft_args(data, out, model, *extra):
     return ["sft", "--data", str(data), "--out", str(out), f"model.path={model}", "logging.progress=false",
             "run.threads=1", *extra]
