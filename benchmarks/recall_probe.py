@@ -11,6 +11,8 @@ own single-token words (entity names, attribute values):
 * ``mqar``: n (name, value) pairs, then the names again in shuffled order, each followed by
   its value (multi-query associative recall). Needs *content-based* lookup (an induction
   circuit: find the earlier occurrence of this name, copy what followed it).
+* ``mqar_all``: ``mqar`` with keys and values drawn from every single-token word (names,
+  values, record ids), so the copy works for the names and ids the agent must copy too.
 * ``mixed``: ``fact`` and ``mqar`` episodes, half each.
 * ``fact``: n facts "The {attribute} of {entity} is {value}." over a few entities and
   attributes, then the facts again in shuffled order: the value is fixed only by the
@@ -53,9 +55,15 @@ def episode(fmt: str, n: int, rng: random.Random, tok, vocab: int = 0) -> tuple[
         k = rng.randint(max(1, n // 2), n)
         seq = [tid(w) for w in rng.sample(words, k)]
         return seq + seq, [0] * k + [1] * k
-    if fmt == "mqar":
-        keys = rng.sample(NAME_POOL, n)
-        vals = [rng.choice(ATTRIBUTES[rng.choice(attrs)]) for _ in keys]
+    if fmt in ("mqar", "mqar_all"):
+        if fmt == "mqar":
+            keys = rng.sample(NAME_POOL, n)
+            vals = [rng.choice(ATTRIBUTES[rng.choice(attrs)]) for _ in keys]
+        else:  # keys and values from every single-token word: names, values and record ids
+            from memact.env.memory import ID_POOL
+
+            words = rng.sample(NAME_POOL + [v for vs in ATTRIBUTES.values() for v in vs] + list(ID_POOL), 2 * n)
+            keys, vals = words[:n], words[n:]
         ids = [t for k, v in zip(keys, vals) for t in (tid(k), tid(v))]
         order = rng.sample(range(n), n)
         return ids + [t for i in order for t in (tid(keys[i]), tid(vals[i]))], [0] * 2 * n + [0, 1] * n
@@ -129,7 +137,7 @@ def build(arch: str, preset: str, vocab: int, tok, seed: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="a `memact new-model` directory")
-    ap.add_argument("--format", default="fact", choices=["repeat", "mqar", "fact", "mixed"],
+    ap.add_argument("--format", default="fact", choices=["repeat", "mqar", "mqar_all", "fact", "mixed"],
                     help="mixed: fact and mqar episodes, half each")
     ap.add_argument("--n", type=int, default=4, help="names / pairs / facts per episode")
     ap.add_argument("--steps", type=int, default=1000)
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="start from this model directory instead of a fresh model")
     ap.add_argument("--vocab", type=int, default=0, help="repeat: only this many distinct words (0: all)")
     ap.add_argument("--save", help="write the trained model and the tokenizer here (a warm start for `memact sft`)")
     args = ap.parse_args(argv)
@@ -153,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = build(args.arch, args.preset, len(tok), tok, args.seed)
+    if args.init:
+        from memact.policy.model import load_policy
+
+        model, _ = load_policy(args.init)
+        model.train()
+    else:
+        model = build(args.arch, args.preset, len(tok), tok, args.seed)
     print(f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, min(100, args.steps // 10))
