@@ -50,3 +50,22 @@ def scripted_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "scripted.jsonl"
     write_jsonl_atomic(path, [trajectory_json(t) for t in rollout("scripted", 1, 4, progress=False)])
     return path
+
+
+class ShimEngine:
+    """The two things the trainer's accumulation asks of a DeepSpeed engine, without DeepSpeed."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+
+@pytest.fixture
+def shim_engine():
+    """``ShimEngine``: wraps a module so the trainer's accumulation runs without DeepSpeed."""
+    return ShimEngine

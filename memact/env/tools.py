@@ -142,7 +142,7 @@ class AgentEnv:
         return [SEARCH_SCHEMA, PRUNE_SCHEMA] if self.memory_tool else [SEARCH_SCHEMA]
 
     def user_text(self) -> str:
-        return f"[id: {self.memory.head_id}]\n{self.task.prompt_text()}"
+        return with_record_id(self.memory.head_id, self.task.prompt_text())
 
     # ------------------------------------------------------------------ actions
 
@@ -166,7 +166,7 @@ class AgentEnv:
 
     def _append(self, text: str, assistant_text: str, kind: str, **meta: Any) -> StepResult:
         rid = self.new_id()
-        response = f"[id: {rid}]\n{text}"
+        response = with_record_id(rid, text)
         self.memory.append(Record(rid, assistant_text, response, kind=kind, meta=meta))
         return StepResult(response, record_id=rid, kind=kind)
 
@@ -182,8 +182,7 @@ class AgentEnv:
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
             return self._error(f"topk must be an integer from 1 to {MAX_TOPK}, got {topk!r}", assistant_text)
         docs = self.search(query, topk)
-        body = "\n".join(f"{i + 1}. {d}" for i, d in enumerate(docs)) if docs else "No results."
-        return self._append(body, assistant_text, "tool", tool="search", query=query, topk=topk)
+        return self._append(search_result_text(docs), assistant_text, "tool", tool="search", query=query, topk=topk)
 
     def _prune(self, args: dict[str, Any], assistant_text: str) -> StepResult:
         missing = [a for a in ("memory", "delete_ids") if a not in args]
@@ -209,6 +208,16 @@ class AgentEnv:
         """Task reward; a broken budget or an unparsable answer gives the penalty."""
         reward, self.correct = score_answer(self.task, None if broken else self.answer)
         return reward
+
+
+def with_record_id(record_id: str, text: str) -> str:
+    """A record's text as shown to the agent: its ``[id: ...]`` header, then the text."""
+    return f"[id: {record_id}]\n{text}"
+
+
+def search_result_text(docs: list[str]) -> str:
+    """The body of a search result: numbered documents, or "No results."."""
+    return "\n".join(f"{i + 1}. {d}" for i, d in enumerate(docs)) if docs else "No results."
 
 
 def tool_call_json(name: str, arguments: dict[str, Any]) -> str:

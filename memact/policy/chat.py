@@ -18,7 +18,7 @@ from typing import Any
 
 from memact.env.memory import Record
 from memact.env.task import FINAL_ANSWER
-from memact.env.tools import Action
+from memact.env.tools import Action, tool_call_json
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -91,9 +91,7 @@ class ChatRenderer:
         return list(self._close_ids)
 
     def tool_fragment_ids(self, response_text: str) -> list[int]:
-        return self.encode(
-            f"{IM_START}user\n{TOOL_RESPONSE_OPEN}\n{response_text}\n{TOOL_RESPONSE_CLOSE}{IM_END}\n"
-        )
+        return self.encode(tool_response_text(response_text))
 
     def record_ids(self, output_ids: list[int], response_text: str) -> list[int]:
         """All ids of a record: generation prompt + generated ids + closing + tool response."""
@@ -113,6 +111,16 @@ class ChatRenderer:
 
 
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def tool_response_text(response_text: str) -> str:
+    """A tool response as the model sees it: a ChatML user turn wrapping ``<tool_response>``."""
+    return f"{IM_START}user\n{TOOL_RESPONSE_OPEN}\n{response_text}\n{TOOL_RESPONSE_CLOSE}{IM_END}\n"
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """An assistant tool call in hermes markup (what ``parse_action`` reads back)."""
+    return f"{TOOL_CALL_OPEN}\n{tool_call_json(name, arguments)}\n{TOOL_CALL_CLOSE}"
 
 
 def parse_action(text: str) -> Action:

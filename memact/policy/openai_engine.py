@@ -38,9 +38,9 @@ from memact.policy.chat import (
     TOOL_CALL_OPEN,
     TOOL_RESPONSE_CLOSE,
     TOOL_RESPONSE_OPEN,
+    call_text,
 )
 from memact.policy.engines import Generation, SamplingParams
-from memact.policy.scripted import call_text
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})

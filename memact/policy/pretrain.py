@@ -40,15 +40,15 @@ import torch
 
 from memact.env.memory import ID_POOL
 from memact.env.task import _FILLER, ATTRIBUTES, NAME_POOL, fact_sentence
-from memact.env.tools import tool_call_json
+from memact.env.tools import search_result_text, with_record_id
 from memact.policy.chat import (
     ENDOFTEXT,
     IM_END,
     IM_START,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
-    TOOL_RESPONSE_CLOSE,
-    TOOL_RESPONSE_OPEN,
+    call_text,
+    tool_response_text,
 )
 from memact.policy.pretrain_config import PretrainConfig, cpu_has_bf16, parse_curriculum  # noqa: F401 (re-exported)
 
@@ -166,8 +166,7 @@ class EpisodeBuilder:
     @staticmethod
     def record(rid: str, docs: list[str]) -> str:
         """A search-result tool response as the agent sees it (ChatML user turn)."""
-        body = "\n".join(f"{i + 1}. {d}" for i, d in enumerate(docs))
-        return f"{IM_START}user\n{TOOL_RESPONSE_OPEN}\n[id: {rid}]\n{body}\n{TOOL_RESPONSE_CLOSE}{IM_END}\n"
+        return tool_response_text(with_record_id(rid, search_result_text(docs)))
 
     @staticmethod
     def _baseline(facts: list[tuple[str, str, str]], attribute: str, value: str) -> float:
@@ -203,11 +202,11 @@ class EpisodeBuilder:
         lines = [f"[id: {rids[0]}]", head] + [f"Q{i + 1}: What is the {a} of {e}?" for i, (e, a, _) in enumerate(asked)]
         text = f"{IM_START}user\n" + "\n".join(lines) + f"{IM_END}\n"
         for (e, a, v), rid in zip(asked, rids[1:]):
-            call = tool_call_json("search", {"query": f"{a} of {e}", "topk": self.prune_docs})
+            call = call_text("search", {"query": f"{a} of {e}", "topk": self.prune_docs})
             others = [f for f in facts if f != (e, a, v)]
             shown = [(e, a, v)] + rng.sample(others, min(len(others), rng.randint(0, self.prune_docs - 1)))
             rng.shuffle(shown)
-            text += f"{IM_START}assistant\n{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}{IM_END}\n"
+            text += f"{IM_START}assistant\n{call}{IM_END}\n"
             text += self.record(rid, [self.document(rng, f) for f in shown])
         # The call is written by hand in tool_call_json's layout so the answer offsets are known.
         marks: list[tuple[int, str, str, float]] = []

@@ -15,8 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 from memact.env.task import FINAL_ANSWER, Task
-from memact.env.tools import tool_call_json
-from memact.policy.chat import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_action
+from memact.policy.chat import IM_END, IM_START, call_text, parse_action
 from memact.policy.strategies import SUMMARY_REQUEST, SUMMARY_SAVED
 
 _RECORD_RE = re.compile(
@@ -51,10 +50,6 @@ def parse_prompt(prompt: str) -> tuple[str, list[VisibleRecord]]:
             tool = "summary"
         records.append(VisibleRecord(rid, tool, action.arguments, response, assistant))
     return m.group(1), records
-
-
-def call_text(name: str, arguments: dict) -> str:
-    return f"{TOOL_CALL_OPEN}\n{tool_call_json(name, arguments)}\n{TOOL_CALL_CLOSE}"
 
 
 class ScriptedExpert:

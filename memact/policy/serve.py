@@ -30,10 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from memact.policy.chat import ENDOFTEXT, IM_END
+from memact.policy.chat import ENDOFTEXT, IM_END, call_text
 from memact.policy.engines import Generation, SamplingParams
 from memact.policy.openai_engine import TOOL_CALL_RE, hermes_calls
-from memact.policy.scripted import call_text
 
 log = logging.getLogger(__name__)
 

@@ -44,17 +44,6 @@ def _by_segment(mbs, logp):
     return out
 
 
-class _Shim:
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *a, **kw):
-        return self.module(*a, **kw)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-
 def _set_old(mbs, seqs, noise):
     """Old / reference log-probs tied to (segment, response position): equal across layouts."""
     for mb in mbs:
@@ -67,7 +56,7 @@ def _set_old(mbs, seqs, noise):
 
 
 @pytest.mark.parametrize("layout", ["packed", "tree", "kv_prefix"])
-def test_packed_logprobs_loss_and_grads_match_one_row_per_segment(model_and_segments, layout):
+def test_packed_logprobs_loss_and_grads_match_one_row_per_segment(model_and_segments, layout, shim_engine):
     model, pad_id, seqs = model_and_segments
     cfg = load_config(None, ["dcpo.kl_coef=0.05", "dcpo.entropy_coef=0.01", "dcpo.clip_low=0.1",
                              "batch.max_seq_len=4096"])
@@ -97,7 +86,7 @@ def test_packed_logprobs_loss_and_grads_match_one_row_per_segment(model_and_segm
         _set_old(mbs, seqs, full)
         model.zero_grad(set_to_none=True)
         stats = UpdateStats(grad_norms=[])
-        accumulate(_Shim(model), mbs, cfg, ONE, stats)
+        accumulate(shim_engine(model), mbs, cfg, ONE, stats)
         losses.append(stats)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert losses[0].loss == pytest.approx(losses[1].loss, abs=1e-6)

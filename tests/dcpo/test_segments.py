@@ -15,9 +15,9 @@ from memact.dcpo.segments import segment_trajectory
 from memact.env.memory import Budget
 from memact.env.task import make_task
 from memact.policy.agent import run_episodes
-from memact.policy.chat import ChatRenderer
+from memact.policy.chat import ChatRenderer, call_text
 from memact.policy.engines import SamplingParams, ScriptedEngine
-from memact.policy.scripted import call_text, parse_prompt
+from memact.policy.scripted import parse_prompt
 from memact.testing import check_invariants
 
 KINDS = ["search", "prune", "prune", "prune_unknown", "prune_empty", "prune_head", "malformed", "unknown_tool",

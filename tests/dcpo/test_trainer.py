@@ -35,19 +35,6 @@ def scripted_segments():
             for i, t in enumerate(trajs) for s in segment_trajectory(t.calls)]
 
 
-class ShimEngine:
-    """The two things the trainer's accumulation asks of a DeepSpeed engine, without DeepSpeed."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -133,7 +120,7 @@ def test_trainer_logprobs_match_engine_and_full_logits(micro_model_dir):
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "trajectory"])
-def test_one_vs_four_micro_batches_same_gradient(micro_model_dir, scripted_segments, agg):
+def test_one_vs_four_micro_batches_same_gradient(micro_model_dir, scripted_segments, agg, shim_engine):
     from memact.policy.model import load_policy
 
     model, tok = load_policy(micro_model_dir)
@@ -161,7 +148,7 @@ def test_one_vs_four_micro_batches_same_gradient(micro_model_dir, scripted_segme
             mb.ref_logprobs = cur - z.abs()
         model.zero_grad(set_to_none=True)
         stats = UpdateStats(grad_norms=[])
-        accumulate(ShimEngine(model), mbs, cfg, ONE, stats)
+        accumulate(shim_engine(model), mbs, cfg, ONE, stats)
         return len(mbs), stats, [p.grad.clone() for p in model.parameters()]
 
     n1, s1, g1 = grads(budget=64 * 4 * 64)
@@ -216,7 +203,7 @@ def test_resume_continues_exactly(micro_model_dir, tmp_path):
     assert not list((half / "checkpoints").glob(".*"))  # no temporary leftovers
 
 
-def test_lora_checkpoint_is_merged(micro_model_dir, tmp_path):
+def test_lora_checkpoint_is_merged(micro_model_dir, tmp_path, shim_engine):
     from memact.dcpo.checkpoint import save_hf
     from memact.dcpo.modeling import load_for_training
     from memact.policy.model import load_policy
@@ -229,7 +216,7 @@ def test_lora_checkpoint_is_merged(micro_model_dir, tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.fill_(0.01)  # non-zero adapters, so merging changes the weights
-    save_hf(ShimEngine(model), tok, tmp_path / "merged")
+    save_hf(shim_engine(model), tok, tmp_path / "merged")
     merged, _ = load_policy(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
     x = torch.tensor([[1, 2, 3, 4]])
@@ -237,7 +224,7 @@ def test_lora_checkpoint_is_merged(micro_model_dir, tmp_path):
         assert torch.allclose(merged(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
 
 
-def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments):
+def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments, shim_engine):
     """Through DeepSpeed ZeRO-3, four micro-batches give the gradient norm of one big batch.
 
     (Calling the decoder submodule directly, bypassing the engine's forward, kept only the
@@ -262,7 +249,7 @@ def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments)
     one, four = prepared(width * 4), prepared(width)
     assert (len(one), len(four)) == (1, 4)
     plain.zero_grad(set_to_none=True)
-    accumulate(ShimEngine(plain), one, cfg, ONE, UpdateStats(grad_norms=[]))
+    accumulate(shim_engine(plain), one, cfg, ONE, UpdateStats(grad_norms=[]))
     expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])))
     model, _ = load_for_training(cfg)  # partitioned as it loads: runs only through its engine
     engine = build_engine(model, cfg)

@@ -3,8 +3,7 @@
 from memact.env.memory import ID_POOL
 from memact.env.task import ATTRIBUTES, NAME_POOL, make_task
 from memact.env.tools import AgentEnv
-from memact.policy.chat import SYSTEM_PROMPT, ChatRenderer, parse_action
-from memact.policy.scripted import call_text
+from memact.policy.chat import SYSTEM_PROMPT, ChatRenderer, call_text, parse_action
 
 
 def test_world_words_and_ids_are_single_tokens(tokenizer):

@@ -16,24 +16,15 @@ import torch
 from memact.env.memory import Budget
 from memact.env.task import make_tasks
 from memact.policy.agent import run_episodes
-from memact.policy.chat import ChatRenderer
+from memact.policy.chat import ChatRenderer, call_text
 from memact.policy.engines import HFEngine, SamplingParams, ScriptedEngine
 from memact.policy.model import load_policy
 from memact.policy.openai_engine import OpenAIEngine, prompt_to_messages, reply_text, split_tools
 from memact.policy.rollout import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, make_policy, trajectory_json
-from memact.policy.scripted import ScriptedExpert, call_text
+from memact.policy.scripted import ScriptedExpert
 from memact.policy.serve import ChatBackend, RequestError, make_server
 
 BUDGET = Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Served:
