@@ -14,6 +14,13 @@ own single-token words (entity names, attribute values):
 * ``mqar_all``: ``mqar`` with keys and values drawn from every single-token word (names,
   values, record ids), so the copy works for the names and ids the agent must copy too.
 * ``mixed``: ``fact`` and ``mqar`` episodes, half each.
+* ``prune``: the warm-up's prune episodes (1 to n facts): a task head, one search call and
+  result record per question, then the ``prune_context`` call. Targets: the note's values
+  (``note``) and the record ids in ``delete_ids`` (``copy``).
+* ``prune_mqar``: ``prune`` and ``mqar_all`` episodes, half each.
+
+The episode generators live in ``memact.policy.copy_warmup`` (the copy recipe of
+``memact pretrain``); this probe trains one format with its own knobs.
 * ``fact``: n facts "The {attribute} of {entity} is {value}." over a few entities and
   attributes, then the facts again in shuffled order: the value is fixed only by the
   (attribute, entity) pair, the recall the task needs, in its own words.
@@ -39,74 +46,8 @@ import math
 import random
 import time
 
-
-def episode(fmt: str, n: int, rng: random.Random, tok, vocab: int = 0) -> tuple[list[int], list[int]]:
-    """(token ids, 1 where the token is a recall target) for one episode; ``vocab`` limits repeat's words."""
-    from memact.env.task import ATTRIBUTES, NAME_POOL, fact_sentence
-
-    attrs = list(ATTRIBUTES)
-    tid = tok.convert_tokens_to_ids
-    if fmt == "repeat":
-        from memact.env.memory import ID_POOL
-
-        words = NAME_POOL + [v for vs in ATTRIBUTES.values() for v in vs] + list(ID_POOL)
-        if vocab:
-            words = random.Random(0).sample(words, vocab)
-        k = rng.randint(max(1, n // 2), n)
-        seq = [tid(w) for w in rng.sample(words, k)]
-        return seq + seq, [0] * k + [1] * k
-    if fmt in ("mqar", "mqar_all"):
-        if fmt == "mqar":
-            keys = rng.sample(NAME_POOL, n)
-            vals = [rng.choice(ATTRIBUTES[rng.choice(attrs)]) for _ in keys]
-        else:  # keys and values from every single-token word: names, values and record ids
-            from memact.env.memory import ID_POOL
-
-            words = rng.sample(NAME_POOL + [v for vs in ATTRIBUTES.values() for v in vs] + list(ID_POOL), 2 * n)
-            keys, vals = words[:n], words[n:]
-        ids = [t for k, v in zip(keys, vals) for t in (tid(k), tid(v))]
-        order = rng.sample(range(n), n)
-        return ids + [t for i in order for t in (tid(keys[i]), tid(vals[i]))], [0] * 2 * n + [0, 1] * n
-    if fmt != "fact":
-        raise ValueError(f"--format must be repeat, mqar or fact, got {fmt!r}")
-
-    def enc(s: str) -> list[int]:
-        return tok(s, add_special_tokens=False)["input_ids"]
-
-    side = max(2, (n + 1) // 2)
-    pairs = rng.sample([(e, a) for e in rng.sample(NAME_POOL, side) for a in rng.sample(attrs, side)], n)
-    facts = [(e, a, rng.choice(ATTRIBUTES[a])) for e, a in pairs]
-    ids = [t for f in facts for t in enc(" " + fact_sentence(*f))] + enc("\n")
-    tgt = [0] * len(ids)
-    for e, a, v in rng.sample(facts, n):
-        head = enc(f" The {a} of {e} is ")
-        ids += head + [tid(v)] + enc(".")
-        tgt += [0] * len(head) + [1, 0]
-    return ids, tgt
-
-
-def batch(fmt: str, n: int, rng: random.Random, tok, rows: int, seq: int, mix: float = 0.0, vocab: int = 0):
-    import torch
-
-    x = torch.full((rows, seq), tok.pad_token_id)
-    mask = torch.zeros(rows, seq, dtype=torch.long)
-    target = torch.zeros(rows, seq, dtype=torch.bool)
-    for b in range(rows):
-        ids: list[int] = []
-        tg: list[int] = []
-        while True:
-            f = "repeat" if rng.random() < mix else (fmt if fmt != "mixed" else rng.choice(["fact", "mqar"]))
-            e, t = episode(f, 24 if f == "repeat" and fmt != "repeat" else n, rng, tok, vocab)
-            if len(ids) + len(e) + 1 > seq:
-                break
-            ids += e + [tok.eos_token_id]
-            tg += t + [0]
-        if not ids:
-            raise ValueError(f"--seq {seq} is shorter than one {fmt} episode with n={n}")
-        x[b, :len(ids)] = torch.tensor(ids)
-        mask[b, :len(ids)] = 1
-        target[b, :len(ids)] = torch.tensor(tg, dtype=torch.bool)
-    return x, mask, target
+from memact.policy.copy_warmup import FORMATS, KIND_NAMES
+from memact.policy.copy_warmup import make_batch as batch
 
 
 def build(arch: str, preset: str, vocab: int, tok, seed: int):
@@ -137,8 +78,8 @@ def build(arch: str, preset: str, vocab: int, tok, seed: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="a `memact new-model` directory")
-    ap.add_argument("--format", default="fact", choices=["repeat", "mqar", "mqar_all", "fact", "mixed"],
-                    help="mixed: fact and mqar episodes, half each")
+    ap.add_argument("--format", default="fact", choices=list(FORMATS),
+                    help="mixed: fact and mqar episodes, half each; prune_mqar: prune and mqar_all")
     ap.add_argument("--n", type=int, default=4, help="names / pairs / facts per episode")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr (warm-up, cosine to 10%%)")
@@ -153,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", help="start from this model directory instead of a fresh model")
     ap.add_argument("--vocab", type=int, default=0, help="repeat: only this many distinct words (0: all)")
+    ap.add_argument("--target-weight", type=float, default=1.0,
+                    help="loss weight of the target tokens (the other tokens weigh 1; 0 with --targets-only)")
+    ap.add_argument("--targets-only", action="store_true", help="train on the target tokens only")
     ap.add_argument("--save", help="write the trained model and the tokenizer here (a warm start for `memact sft`)")
     args = ap.parse_args(argv)
 
@@ -177,31 +121,39 @@ def main(argv: list[str] | None = None) -> int:
     ex, em, et = batch(args.format, args.n, random.Random(12345), tok, 32, args.seq, vocab=args.vocab)
     rng = random.Random(args.seed)
 
-    def evaluate() -> tuple[float, float]:
+    def evaluate() -> tuple[float, float, dict[str, float]]:
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=ex, attention_mask=em).logits[:, :-1]
         model.train()
-        t, sel = ex[:, 1:], et[:, 1:]
-        return ((logits.argmax(-1) == t)[sel].float().mean().item(),
-                F.cross_entropy(logits[sel], t[sel]).item())
+        t, kind = ex[:, 1:], et[:, 1:]
+        sel = kind > 0
+        hit = logits.argmax(-1) == t
+        per_kind = {KIND_NAMES[k]: round(hit[kind == k].float().mean().item(), 3)
+                    for k in sorted(set(kind[sel].tolist()))}
+        return hit[sel].float().mean().item(), F.cross_entropy(logits[sel], t[sel]).item(), per_kind
 
     t0, tokens, losses = time.time(), 0, []
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            acc, nll = evaluate()
+            acc, nll, per_kind = evaluate()
             print(json.dumps({"step": step, "tokens": tokens, "recall_acc": round(acc, 3), "recall_nll": round(nll, 3),
+                              **({f"acc_{k}": v for k, v in per_kind.items()} if len(per_kind) > 1 else {}),
                               "loss": round(sum(losses) / max(1, len(losses)), 3), "s": round(time.time() - t0, 1)}),
                   flush=True)
             losses = []
         if step == args.steps:
             break
         fmt = "repeat" if step < args.pre_steps else args.format
-        x, m, _ = batch(fmt, args.n, rng, tok, args.batch, args.seq, args.mix if step >= args.pre_steps else 0.0,
+        x, m, tk = batch(fmt, args.n, rng, tok, args.batch, args.seq, args.mix if step >= args.pre_steps else 0.0,
                         args.vocab)
         logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
         w = m[:, 1:].reshape(-1).float()
+        if args.targets_only:
+            w = w * (tk[:, 1:].reshape(-1) > 0)
+        elif args.target_weight != 1.0:
+            w = w * torch.where(tk[:, 1:].reshape(-1) > 0, args.target_weight, 1.0)
         loss = (ce * w).sum() / w.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -5,7 +5,7 @@
 
 Stages (each one the library call a user would make):
 1. ``memact new-model``: the tiny policy and a larger no-memory model ("the much larger model").
-2. ``memact pretrain``: the in-context recall warm-up of both (docs/pretrain.md).
+2. ``memact pretrain`` (the copy recipe): the in-context copy warm-up of both (docs/pretrain.md).
 3. Scripted trajectories from one objective upward: with memory actions, and without.
 4. ``memact sft``: MemAct-SFT (tiny, with memory), NoMemory-SFT (tiny, no memory tool: the
    paper's Search-R1 stand-in) and NoMemory-SFT-large.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Preset:
-    pretrain_tokens: int
+    warm_scale: float  # multiplies the steps of every stage of the copy warm-up (1.0: the measured recipe)
     sft_tasks: dict[int, int] = field(default_factory=dict)
     sft_epochs: int = 4
     dcpo_steps: int = 40
@@ -41,9 +41,9 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(pretrain_tokens=4_000_000, sft_tasks={1: 256, 2: 384, 3: 256, 4: 256}, sft_epochs=6,
+    "full": Preset(warm_scale=1.0, sft_tasks={1: 600, 2: 1200, 3: 600, 4: 600}, sft_epochs=1,
                    dcpo_steps=60, eval_n=32),
-    "smoke": Preset(pretrain_tokens=4_000, sft_tasks={1: 4, 2: 4}, sft_epochs=1, dcpo_steps=2,
+    "smoke": Preset(warm_scale=0.0005, sft_tasks={1: 4, 2: 4}, sft_epochs=1, dcpo_steps=2,
                     dcpo_curriculum=(1, 2), dcpo_prompts=2, dcpo_n_traj=2, eval_n=2),
 }
 EVAL_K = (2, 4, 6, 8)
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
     from memact.eval.evaluate import EvalSpec, System, evaluate
     from memact.eval.report import write_report
+    from memact.policy.copy_warmup import DEFAULT_STAGES, copy_warmup, parse_stages, stages_text
     from memact.policy.model import new_model
-    from memact.policy.pretrain import PretrainConfig, pretrain
 
     _set_threads()
     _quiet_hf_progress_bars()
@@ -106,17 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     small = new_model(out / "init_small", preset="tiny", seed=args.seed)
     large = new_model(out / "init_large", preset=p.large_preset, seed=args.seed)
     mark("models")
-    warm = PretrainConfig(tokens=p.pretrain_tokens, seed=args.seed)
-    small = pretrain(small, out / "warm_small", warm)
-    large = pretrain(large, out / "warm_large", warm)
+    stages = parse_stages(stages_text(DEFAULT_STAGES), scale=p.warm_scale)
+    small = copy_warmup(small, out / "warm_small", stages, seed=args.seed)
+    large = copy_warmup(large, out / "warm_large", stages, seed=args.seed)
     mark("recall warm-up")
     nomem_plan = {k: n for k, n in p.sft_tasks.items() if k <= 3}  # without memory, K >= 4 overflows
     _rollouts("scripted", p.sft_tasks, args.seed, out / "data" / "scripted.jsonl")
     _rollouts("scripted-nomem", nomem_plan, args.seed, out / "data" / "nomem.jsonl")
     mark("scripted trajectories")
-    sft_mem = _sft(small, out / "data" / "scripted.jsonl", out / "sft_mem", p.sft_epochs, args.seed)
-    sft_nomem = _sft(small, out / "data" / "nomem.jsonl", out / "sft_nomem", p.sft_epochs, args.seed)
-    sft_large = _sft(large, out / "data" / "nomem.jsonl", out / "sft_nomem_large", p.sft_epochs, args.seed)
+    # What the SFT from a copy warm start was measured with (docs/pretrain.md, "Third round").
+    warm_sft = ("optim.lr=1e-3", "optim.schedule=cosine", "optim.warmup_steps=50", "sft.segments_per_step=2")
+    sft_mem = _sft(small, out / "data" / "scripted.jsonl", out / "sft_mem", p.sft_epochs, args.seed, warm_sft)
+    sft_nomem = _sft(small, out / "data" / "nomem.jsonl", out / "sft_nomem", p.sft_epochs, args.seed, warm_sft)
+    sft_large = _sft(large, out / "data" / "nomem.jsonl", out / "sft_nomem_large", p.sft_epochs, args.seed, warm_sft)
     mark("SFT")
     rl = _dcpo(sft_mem, out / "dcpo", p.dcpo_steps, p.dcpo_curriculum[0], args.seed, p.dcpo_prompts, p.dcpo_n_traj,
                curriculum=p.dcpo_curriculum)

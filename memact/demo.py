@@ -80,13 +80,13 @@ def _rollouts(policy: str, plan: dict[int, int], seed: int, path: Path) -> dict[
     return {"trajectories": len(rows), "mean_reward": sum(rewards) / len(rewards)}
 
 
-def _sft(base: Path, data: Path, out: Path, epochs: int, seed: int) -> Path:
+def _sft(base: Path, data: Path, out: Path, epochs: int, seed: int, overrides: tuple[str, ...] = ()) -> Path:
     from memact.dcpo.config import configs_dir, load_config
     from memact.dcpo.sft import sft
 
     cfg = load_config(configs_dir() / "tiny_cpu_sft.yaml", [
         f"model.path={base}", f"sft.data={data}", f"run.out_dir={out}", f"sft.epochs={epochs}", f"run.seed={seed}",
-        "logging.progress=false",
+        "logging.progress=false", *overrides,
     ])
     return sft(cfg)
 

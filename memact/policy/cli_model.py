@@ -18,13 +18,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weight-init and tokenizer-corpus seed")
     p.add_argument("--vocab-size", type=int, default=1024, help="size of the BPE part of the vocabulary")
+    p.add_argument("--type-groups", default="id",
+                   help="comma-separated word groups (id, name, value) whose embeddings share one random "
+                   "direction at initialisation, so a copy head can find them as a kind (docs/pretrain.md); "
+                   "'none' for a plain initialisation (default: id)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from memact.policy.model import count_parameters, load_policy, new_model
 
-    out = new_model(args.out, preset=args.preset, seed=args.seed, vocab_size=args.vocab_size)
+    groups = () if args.type_groups.strip() == "none" else tuple(
+        g.strip() for g in args.type_groups.split(",") if g.strip())
+    unknown = sorted(set(groups) - {"id", "name", "value"})
+    if unknown:
+        raise SystemExit(f"error: --type-groups: unknown group(s) {', '.join(unknown)}; use id, name, value or none")
+    out = new_model(args.out, preset=args.preset, seed=args.seed, vocab_size=args.vocab_size, type_groups=groups)
     model, tok = load_policy(out)
     print(f"wrote {out}: preset={args.preset} parameters={count_parameters(model):,} vocab={len(tok)}")
     return 0

@@ -64,8 +64,59 @@ def build_model(preset: str | ModelPreset, vocab_size: int, seed: int = 0, pad_t
     return model
 
 
-def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024) -> Path:
-    """Train a tokenizer on task text, build a random model, save both to ``out``."""
+TYPE_GROUPS = ("id",)  # the word groups new_model gives a shared embedding direction (measured: ids)
+
+
+def world_token_groups(tokenizer, groups: tuple[str, ...] = TYPE_GROUPS) -> dict[str, list[int]]:
+    """Token ids of the synthetic world's single-token words, by group: ``id``, ``name``, ``value``."""
+    from memact.env.memory import ID_POOL
+    from memact.env.task import ATTRIBUTES, NAME_POOL
+
+    words = {"id": list(ID_POOL), "name": list(NAME_POOL), "value": [v for vs in ATTRIBUTES.values() for v in vs]}
+    unknown = set(groups) - set(words)
+    if unknown:
+        raise ValueError(f"unknown word groups {sorted(unknown)}; choose from {', '.join(words)}")
+    out = {}
+    for g in groups:
+        ids = [tokenizer.convert_tokens_to_ids(w) for w in words[g]]
+        if any(i is None or i == tokenizer.unk_token_id for i in ids) or len(
+                tokenizer.encode(words[g][0], add_special_tokens=False)) != 1:
+            raise ValueError(f"the tokenizer has no single token for every {g} word (build it with `memact new-model`)")
+        out[g] = ids
+    return out
+
+
+def add_type_directions(model, groups: dict[str, list[int]], seed: int = 0) -> None:
+    """Add one shared random direction to the embedding rows of each group of tokens, in place.
+
+    A copy head has to attend to "a record id" before it can copy one. Record ids are 512
+    rare tokens with independent random embeddings, so at initialisation nothing marks them
+    as a kind, and a 1M-parameter model did not learn to copy them from their ``[id: ...]``
+    headers in 1,500 steps (copy accuracy 0.00). With one direction shared by all ids (norm:
+    the ids' mean row norm) the same run copied 0.71 by step 700 (docs/pretrain.md, "Third
+    round"). The direction is a type embedding, fixed only at initialisation; training moves
+    it like any other weight. With tied embeddings it also shifts the ids' output logits
+    together.
+    """
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for _, rows in sorted(groups.items()):
+            index = torch.tensor(rows, dtype=torch.long)
+            direction = torch.randn(emb.shape[1], generator=gen)
+            direction *= emb[index].norm(dim=1).mean() / direction.norm()
+            emb[index] += direction.to(emb.dtype)
+
+
+def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024,
+              type_groups: tuple[str, ...] = TYPE_GROUPS) -> Path:
+    """Train a tokenizer on task text, build a random model, save both to ``out``.
+
+    ``type_groups``: word groups whose embeddings share a direction (:func:`add_type_directions`);
+    () for a plain random initialisation.
+    """
     from memact.policy.tokenizer import task_corpus, train_tokenizer
 
     out = Path(out)
@@ -74,6 +125,8 @@ def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab
         preset, vocab_size=len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    if type_groups:
+        add_type_directions(model, world_token_groups(tokenizer, type_groups), seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)

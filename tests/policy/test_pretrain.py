@@ -146,7 +146,7 @@ def test_pretrain_end_to_end_writes_a_loadable_model(tiny_model_dir, tmp_path):
     add_parser(parser.add_subparsers())
     out = tmp_path / "warm"
     args = parser.parse_args([
-        "pretrain", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "1500", "--batch", "1",
+        "pretrain", "--recipe", "facts", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "1500", "--batch", "1",
         "--seq-len", "512", "--curriculum", "2,4", "--eval-every", "2", "--eval-targets", "8",
         "--text-share", "0", "--dtype", "fp32",
     ])

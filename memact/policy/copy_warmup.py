@@ -1,0 +1,466 @@
+"""The copy warm-up: teach a tiny model to copy from its context, in stages of synthetic episodes.
+
+The agent copies from its context all the time: values into notes and answers, entity
+names into queries, record ids into ``delete_ids``. A tiny model trained on the task alone
+learns the format and copies nothing (docs/pretrain.md). What ``memact pretrain`` runs by
+default, measured stage by stage on this CPU, is a sequence of stages of synthetic episodes
+over the task's single-token words, each stage many small optimizer steps (steps set the
+pace, not tokens). Each stage teaches its copy; together they do not yet give a policy that
+answers (stage 3):
+
+1. ``mqar`` (multi-query associative recall): n (name, value) pairs, then the names again
+   in shuffled order, each followed by its value. Needs content-based lookup (an induction
+   circuit: find the earlier occurrence of this name, copy what followed it). Measured:
+   held-out accuracy 0.01 at step 1,000, 0.36 at 2,000, 0.45 at 12,000 (n=4, 4x128 tokens a
+   step, lr 1e-3); SFT from it copies values (0.99 teacher-forced) but not names or ids.
+2. ``mqar_all``: the same with keys and values drawn from every single-token word (names,
+   values, record ids). From scratch it learns nothing in 3,000 steps (0.004); after
+   stage 1 it reaches 0.19, and SFT from it copies names too (0.80), but not ids.
+3. ``idlist``: a head record and 1 to n short records, each under its ``[id: ...]`` header,
+   then ``"delete_ids": [...]`` listing every record id but the head's. The copy the
+   prunes need, in its simplest form. Trained on the targets only (``loss="targets"``).
+   Learned only once the ids share an embedding direction (``memact.policy.model.
+   add_type_directions``, which ``memact new-model`` applies): without it 0.00 after 1,100
+   steps, with it 0.71 at step 700 and 1.00 at 1,300. SFT from it copies ids (0.79) and its
+   prunes work, but this stage overwrites the value and name copy of stages 1-2 (values
+   0.02 after SFT): the 1M model held one copy circuit at a time in these budgets.
+
+Also here, measured and left out of the default: ``prune`` (the warm-up's prune episodes,
+``EpisodeBuilder.prune``; 800 steps after stage 3 made the SFT worse), ``idlist_mqar``
+(``idlist`` and ``mqar_all`` with 4 pairs, half each; keeps the ids, recovers recall only
+slowly), ``prune_mqar`` (``prune`` and ``mqar_all``).
+
+Every evaluation uses a fixed batch of fresh episodes (new random bindings, so nothing can
+be memorised) and reports accuracy per kind of target: ``recall`` (the value after a
+key), ``note`` (a value written into a prune note), ``copy`` (a record id in
+``delete_ids``). ``repeat``, ``fact`` and ``mixed`` are diagnostics for
+``benchmarks/recall_probe.py``.
+
+Entry points: :func:`episode` and :func:`make_batch` (the generators), :class:`Stage` and
+:func:`parse_stages` (the recipe), :func:`copy_warmup` (what ``memact pretrain --recipe copy``
+runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KIND_NAMES = {1: "recall", 2: "note", 3: "copy"}
+FORMATS = ("mqar", "mqar_all", "prune", "prune_mqar", "idlist", "idlist_mqar", "repeat", "fact", "mixed")
+_BUILDERS: dict[int, Any] = {}
+
+
+def _words() -> list[str]:
+    from memact.env.memory import ID_POOL
+    from memact.env.task import ATTRIBUTES, NAME_POOL
+
+    return NAME_POOL + [v for vs in ATTRIBUTES.values() for v in vs] + list(ID_POOL)
+
+
+def _id_set() -> set[str]:
+    from memact.env.memory import ID_POOL
+
+    return set(ID_POOL)
+
+
+def episode(fmt: str, n: int, rng: random.Random, tok: Any, vocab: int = 0) -> tuple[list[int], list[int]]:
+    """One episode: (token ids, per token 0 or its kind of target, see ``KIND_NAMES``).
+
+    Args:
+        fmt: one of ``FORMATS``.
+        n: pairs per episode (mqar, mqar_all), most facts (prune: 1 to n), words (repeat:
+            n/2 to n), facts (fact).
+        rng: the episode's randomness.
+        tok: a tokenizer with one token per entity name, value and record id.
+        vocab: repeat only: draw from this many distinct words (0: all).
+    """
+    from memact.env.task import ATTRIBUTES, NAME_POOL, fact_sentence
+
+    if fmt == "prune_mqar":
+        fmt = rng.choice(["prune", "mqar_all"])
+    elif fmt == "idlist_mqar":  # keeps the value and name copy of stages 1-2 alive while ids are learned
+        if rng.random() < 0.5:
+            return _idlist(n, rng, tok)
+        fmt, n = "mqar_all", 4
+    elif fmt == "mixed":
+        fmt = rng.choice(["fact", "mqar"])
+    tid = tok.convert_tokens_to_ids
+    if fmt == "idlist":
+        return _idlist(n, rng, tok)
+    if fmt == "prune":
+        from memact.policy.pretrain import EpisodeBuilder
+
+        if id(tok) not in _BUILDERS:
+            _BUILDERS[id(tok)] = EpisodeBuilder(tok)
+        ep = _BUILDERS[id(tok)].prune(rng, rng.randint(1, n), NAME_POOL)
+        tgt = [0] * len(ep.ids)
+        for pos, kind in zip(ep.targets, ep.kinds):
+            tgt[pos] = 3 if kind == "copy" else 2
+        return ep.ids, tgt
+    if fmt == "repeat":
+        words = _words()
+        if vocab:
+            words = random.Random(0).sample(words, vocab)
+        k = rng.randint(max(1, n // 2), n)
+        seq = [tid(w) for w in rng.sample(words, k)]
+        return seq + seq, [0] * k + [1] * k
+    if fmt in ("mqar", "mqar_all"):
+        if fmt == "mqar":
+            keys = rng.sample(NAME_POOL, n)
+            vals = [rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))]) for _ in keys]
+        else:
+            words = rng.sample(_words(), 2 * n)
+            keys, vals = words[:n], words[n:]
+        ids = [t for k, v in zip(keys, vals) for t in (tid(k), tid(v))]
+        order = rng.sample(range(n), n)
+        return ids + [t for i in order for t in (tid(keys[i]), tid(vals[i]))], [0] * 2 * n + [0, 1] * n
+    if fmt != "fact":
+        raise ValueError(f"unknown episode format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+    def enc(s: str) -> list[int]:
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    attrs = list(ATTRIBUTES)
+    side = max(2, (n + 1) // 2)
+    pairs = rng.sample([(e, a) for e in rng.sample(NAME_POOL, side) for a in rng.sample(attrs, side)], n)
+    facts = [(e, a, rng.choice(ATTRIBUTES[a])) for e, a in pairs]
+    ids = [t for f in facts for t in enc(" " + fact_sentence(*f))] + enc("\n")
+    tgt = [0] * len(ids)
+    for e, a, v in rng.sample(facts, n):
+        head = enc(f" The {a} of {e} is ")
+        ids += head + [tid(v)] + enc(".")
+        tgt += [0] * len(head) + [1, 0]
+    return ids, tgt
+
+
+def _idlist(n: int, rng: random.Random, tok: Any) -> tuple[list[int], list[int]]:
+    """A head record, 1 to n short records, then the ``delete_ids`` list of every record but the head."""
+    from memact.env.memory import ID_POOL
+    from memact.env.tools import with_record_id
+    from memact.policy.pretrain import EpisodeBuilder
+
+    if id(tok) not in _BUILDERS:
+        _BUILDERS[id(tok)] = EpisodeBuilder(tok)
+    words = [w for w in _words() if w not in _id_set()]
+    k = rng.randint(1, n)
+    rids = rng.sample(ID_POOL, k + 1)
+    text = "".join(with_record_id(r, " ".join(rng.sample(words, rng.randint(2, 6)))) + "\n" for r in rids)
+    text += '"delete_ids": ['
+    marks = []
+    for i, rid in enumerate(rids[1:]):
+        text += '"' if i == 0 else ', "'
+        marks.append((len(text), rid, "copy", 1.0 / len(rids)))
+        text += rid + '"'
+    text += "]"
+    ep = _BUILDERS[id(tok)]._tokenize(text, marks, [], 0)
+    tgt = [0] * len(ep.ids)
+    for pos in ep.targets:
+        tgt[pos] = 3
+    return ep.ids, tgt
+
+
+def make_batch(fmt: str, n: int, rng: random.Random, tok: Any, rows: int, seq: int, mix: float = 0.0,
+               vocab: int = 0):
+    """``rows`` rows of ``seq`` tokens, each packed with whole episodes separated by EOS.
+
+    Returns (input ids [rows, seq], attention mask [rows, seq], target kinds [rows, seq]).
+    ``mix``: share of ``repeat`` episodes (24 words) mixed in.
+    """
+    import torch
+
+    x = torch.full((rows, seq), tok.pad_token_id)
+    mask = torch.zeros(rows, seq, dtype=torch.long)
+    target = torch.zeros(rows, seq, dtype=torch.long)
+    for b in range(rows):
+        ids: list[int] = []
+        tg: list[int] = []
+        while True:
+            f = "repeat" if rng.random() < mix else fmt
+            e, t = episode(f, 24 if f == "repeat" and fmt != "repeat" else n, rng, tok, vocab)
+            if len(ids) + len(e) + 1 > seq:
+                break
+            ids += e + [tok.eos_token_id]
+            tg += t + [0]
+        if not ids:
+            raise ValueError(f"a row of {seq} tokens is shorter than one {fmt} episode with n={n}; "
+                             "raise the stage's seq_len")
+        x[b, :len(ids)] = torch.tensor(ids)
+        mask[b, :len(ids)] = 1
+        target[b, :len(ids)] = torch.tensor(tg, dtype=torch.long)
+    return x, mask, target
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the copy warm-up.
+
+    Attributes:
+        format: episode format (``mqar``, ``mqar_all``, ``prune``, ``prune_mqar``, ...).
+        steps: optimizer steps.
+        n: pairs / facts per episode (see :func:`episode`).
+        batch: rows per step.
+        seq_len: tokens per row (a prune episode with 3 facts takes up to about 390).
+        lr: peak AdamW learning rate; each stage warms up over min(100, steps/10) steps, then
+            decays by cosine to 10% of it.
+        loss: ``all`` (next-token loss on every token) or ``targets`` (only on the target
+            tokens: the fresh random words of an episode, such as a new record's id, are
+            unpredictable, and training on them teaches "an id here is one not seen before",
+            the opposite of the copy).
+    """
+
+    format: str
+    steps: int
+    n: int = 4
+    batch: int = 4
+    seq_len: int = 128
+    lr: float = 1e-3
+    loss: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"stage format {self.format!r} is not one of {', '.join(FORMATS)}")
+        for name in ("steps", "n", "batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage {self.format}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"stage {self.format}: lr must be > 0, got {self.lr}")
+        if self.loss not in ("all", "targets"):
+            raise ValueError(f"stage {self.format}: loss must be all or targets, got {self.loss!r}")
+
+
+# The chain measured end to end on this CPU (docs/pretrain.md, "Third round"), about 45 min
+# on one core. After SFT it prunes with the right ids but has lost the value and name copy of
+# stages 1-2; `mqar:12000,mqar_all:3000` alone keeps those and copies no id.
+DEFAULT_STAGES = (
+    Stage("mqar", 12_000, n=4, batch=4, seq_len=128),
+    Stage("mqar_all", 3_000, n=4, batch=4, seq_len=128),
+    Stage("idlist", 2_000, n=1, batch=4, seq_len=128, loss="targets"),
+)
+
+
+def parse_stages(text: str, scale: float = 1.0, lr: float | None = None) -> tuple[Stage, ...]:
+    """``"mqar:12000,idlist:1000:1:4:128:targets"`` -> stages.
+
+    Each item is ``format:steps``, ``format:steps:n:batch:seq_len`` or
+    ``format:steps:n:batch:seq_len:loss``; what an item leaves out comes from the format's
+    stage in ``DEFAULT_STAGES`` (else from :class:`Stage`'s defaults). ``scale`` multiplies
+    every stage's steps (at least 1 step each); ``lr`` replaces every stage's learning rate.
+    """
+    defaults = {s.format: s for s in DEFAULT_STAGES}
+    stages = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (2, 5, 6):
+            raise ValueError(f"stage {item!r}: write format:steps or format:steps:n:batch:seq_len[:loss]")
+        fmt = parts[0]
+        if fmt not in FORMATS:
+            raise ValueError(f"stage {item!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        base = defaults.get(fmt, Stage(fmt, 1))
+        try:
+            nums = [int(p) for p in parts[1:5]]
+        except ValueError:
+            raise ValueError(f"stage {item!r}: steps, n, batch and seq_len must be integers") from None
+        if nums[0] < 1:
+            raise ValueError(f"stage {item!r}: steps must be >= 1")
+        n, batch, seq = nums[1:] if len(nums) == 4 else (base.n, base.batch, base.seq_len)
+        loss = parts[5] if len(parts) == 6 else base.loss
+        stages.append(Stage(fmt, max(1, round(nums[0] * scale)), n, batch, seq, lr or base.lr, loss))
+    if not stages:
+        raise ValueError(f"--stages {text!r} names no stage")
+    return tuple(stages)
+
+
+def stages_text(stages: tuple[Stage, ...]) -> str:
+    return ",".join(f"{s.format}:{s.steps}:{s.n}:{s.batch}:{s.seq_len}:{s.loss}" for s in stages)
+
+
+class CopyWarmup:
+    """Runs the stages on a model in place; one JSON row per evaluation in ``curve``.
+
+    Args:
+        model: a causal LM, trained in fp32.
+        tokenizer: one token per entity name, value and record id (``memact new-model``).
+        stages: the recipe.
+        eval_every: steps between evaluations (each stage also evaluates at its start and end).
+        eval_rows: rows of the fixed evaluation batch of each format.
+        seed: training data seed (evaluation batches use their own fixed seed).
+        log: called with each printed line.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, stages: tuple[Stage, ...], eval_every: int = 500,
+                 eval_rows: int = 32, seed: int = 0, log=print):
+        import torch
+
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        self.model, self.tok, self.stages = model, tokenizer, stages
+        self.eval_every, self.log = eval_every, log
+        self.rng = random.Random(seed)
+        # One fixed evaluation batch per format, at that format's stage shape.
+        self.eval_batches = {}
+        for s in stages:
+            if s.format not in self.eval_batches:
+                self.eval_batches[s.format] = make_batch(s.format, s.n, random.Random(12_345), tokenizer,
+                                                         eval_rows, s.seq_len)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=stages[0].lr, betas=(0.9, 0.98),
+                                           weight_decay=0.01)
+        self.curve: list[dict[str, Any]] = []
+        self.step = 0
+        self.tokens = 0
+        self.train_s = 0.0
+
+    @staticmethod
+    def lr_at(stage: Stage, step: int) -> float:
+        """The stage's lr at its step ``step``: linear warm-up, then cosine to 10%."""
+        warm = max(1, min(100, stage.steps // 10))
+        return stage.lr * min(1.0, (step + 1) / warm) * (
+            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, step / stage.steps))))
+
+    def evaluate(self, stage_index: int, losses: list[float]) -> dict[str, Any]:
+        """Accuracy and NLL per kind of target on every format's fixed batch."""
+        import torch
+        import torch.nn.functional as F
+
+        row: dict[str, Any] = {"stage": stage_index, "format": self.stages[stage_index].format, "step": self.step,
+                               "tokens": self.tokens, "loss": round(sum(losses) / len(losses), 4) if losses else None,
+                               "train_s": round(self.train_s, 1), "acc": {}, "nll": {}}
+        self.model.eval()
+        with torch.no_grad():
+            for fmt, (x, m, kind) in self.eval_batches.items():
+                logits = self.model(input_ids=x, attention_mask=m).logits[:, :-1].float()
+                t, k = x[:, 1:], kind[:, 1:]
+                hit = logits.argmax(-1) == t
+                for code in sorted(set(k[k > 0].tolist())):
+                    sel = k == code
+                    key = f"{fmt}/{KIND_NAMES[code]}"
+                    row["acc"][key] = round(hit[sel].float().mean().item(), 4)
+                    row["nll"][key] = round(F.cross_entropy(logits[sel], t[sel]).item(), 4)
+        self.model.train()
+        self.curve.append(row)
+        accs = " ".join(f"{k} {v:.3f}" for k, v in row["acc"].items())
+        self.log(f"[pretrain] stage {stage_index + 1}/{len(self.stages)} {row['format']} step {self.step} "
+                 f"tokens {self.tokens:,} loss {row['loss']} | held-out acc: {accs}")
+        return row
+
+    def run(self, on_eval=None) -> list[dict[str, Any]]:
+        """Train every stage; ``on_eval(row)`` after each evaluation (e.g. to append to a log)."""
+        import torch
+        import torch.nn.functional as F
+
+        self.model.train()
+        for si, stage in enumerate(self.stages):
+            losses: list[float] = []
+            if si == 0:  # later stages start where the previous one's last evaluation left off
+                row = self.evaluate(si, losses)
+                if on_eval:
+                    on_eval(row)
+            for s in range(stage.steps):
+                t0 = time.perf_counter()
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr_at(stage, s)
+                x, m, kind = make_batch(stage.format, stage.n, self.rng, self.tok, stage.batch, stage.seq_len)
+                logits = self.model(input_ids=x, attention_mask=m).logits[:, :-1]
+                ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
+                w = m[:, 1:].reshape(-1).float()
+                if stage.loss == "targets":
+                    w = w * (kind[:, 1:].reshape(-1) > 0)
+                loss = (ce * w).sum() / w.sum().clamp(min=1.0)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens += int(m.sum())
+                self.train_s += time.perf_counter() - t0
+                losses.append(loss.item())
+                if (s + 1) % self.eval_every == 0 or s + 1 == stage.steps:
+                    row = self.evaluate(si, losses)
+                    losses = []
+                    if on_eval:
+                        on_eval(row)
+        return self.curve
+
+
+def plot_copy_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
+    """Held-out accuracy per (format, kind) against training tokens, stage boundaries dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in sorted({k for r in curve for k in r["acc"]}):
+        pts = [(r["tokens"] / 1e6, r["acc"][key]) for r in curve if key in r["acc"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=key)
+    for prev, r in zip(curve, curve[1:]):
+        if r["stage"] != prev["stage"]:
+            ax.axvline(r["tokens"] / 1e6, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("held-out accuracy at the target token")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("copy warm-up (format/kind; dotted: next stage)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...] = DEFAULT_STAGES,
+                eval_every: int = 500, seed: int = 0, threads: int = 1) -> Path:
+    """Warm up the model in ``model_dir`` stage by stage; write it to ``out``.
+
+    Output (written to a hidden sibling directory, renamed into place at the end, so an
+    interrupted run leaves no half-written ``out``): the model and tokenizer
+    (``save_pretrained``), ``recall_curve.jsonl`` (one row per evaluation),
+    ``recall_curve.png`` and ``pretrain_config.json``.
+    """
+    import torch
+
+    from memact.policy.model import count_parameters, load_policy
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model, tokenizer = load_policy(model_dir)
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "pretrain_config.json").write_text(json.dumps(
+        {"recipe": "copy", "stages": [asdict(s) for s in stages], "eval_every": eval_every, "seed": seed,
+         "model": str(model_dir)}, indent=1))
+    total = sum(s.steps for s in stages)
+    print(f"[memact] pretrain (copy recipe): {count_parameters(model):,} parameters, {len(stages)} stages, "
+          f"{total:,} steps: {stages_text(stages)}", flush=True)
+    warm = CopyWarmup(model, tokenizer, stages, eval_every=eval_every, seed=seed,
+                      log=lambda s: print(s, flush=True))
+    log_path = staging / "recall_curve.jsonl"
+
+    def append(row: dict[str, Any]) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    warm.run(on_eval=append)
+    model.eval()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    plot_copy_curve(warm.curve, staging / "recall_curve.png")
+    if out.exists():
+        out.rmdir()  # checked empty above
+    staging.replace(out)
+    print(f"[memact] wrote {out}: held-out acc {warm.curve[-1]['acc']} after {warm.step:,} steps, "
+          f"{warm.tokens:,} tokens, {warm.train_s / 60:.1f} min of training", flush=True)
+    return out
