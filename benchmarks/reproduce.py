@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     small = new_model(out / "init_small", preset="tiny", seed=args.seed)
     large = new_model(out / "init_large", preset=p.large_preset, seed=args.seed)
     mark("models")
-    stages = parse_stages(stages_text(DEFAULT_STAGES), scale=p.warm_scale)
-    small = copy_warmup(small, out / "warm_small", stages, seed=args.seed)
-    large = copy_warmup(large, out / "warm_large", stages, seed=args.seed)
+    warm_stages = parse_stages(stages_text(DEFAULT_STAGES), scale=p.warm_scale)
+    small = copy_warmup(small, out / "warm_small", warm_stages, seed=args.seed)
+    large = copy_warmup(large, out / "warm_large", warm_stages, seed=args.seed)
     mark("recall warm-up")
     nomem_plan = {k: n for k, n in p.sft_tasks.items() if k <= 3}  # without memory, K >= 4 overflows
     _rollouts("scripted", p.sft_tasks, args.seed, out / "data" / "scripted.jsonl")
