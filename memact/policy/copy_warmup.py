@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -428,17 +427,13 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
     """
     import torch
 
-    from memact.policy.model import count_parameters, load_policy
+    from memact.policy.model import count_parameters, load_policy, publish, staging_dir
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tokenizer = load_policy(model_dir)
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     (staging / "pretrain_config.json").write_text(json.dumps(
         {"recipe": "copy", "stages": [asdict(s) for s in stages], "eval_every": eval_every, "seed": seed,
          "model": str(model_dir)}, indent=1))
@@ -454,13 +449,8 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
             f.write(json.dumps(row) + "\n")
 
     warm.run(on_eval=append)
-    model.eval()
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     plot_copy_curve(warm.curve, staging / "recall_curve.png")
-    if out.exists():
-        out.rmdir()  # checked empty above
-    staging.replace(out)
+    publish(model, tokenizer, staging, out)
     print(f"[memact] wrote {out}: held-out acc {warm.curve[-1]['acc']} after {warm.step:,} steps, "
           f"{warm.tokens:,} tokens, {warm.train_s / 60:.1f} min of training", flush=True)
     return out

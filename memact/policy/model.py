@@ -163,5 +163,33 @@ def load_policy(path: str | os.PathLike, dtype=None, device: str = "cpu"):
     return model, tokenizer
 
 
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh hidden sibling of ``out`` (``.NAME.partial``) to write a run into; a non-empty ``out`` is refused.
+
+    With :func:`publish` a run that stops half-way leaves ``out`` untouched.
+    """
+    import shutil
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(model, tokenizer, staging: Path, out: str | os.PathLike) -> Path:
+    """Save ``model`` and ``tokenizer`` into ``staging`` and rename it to ``out`` (empty or absent)."""
+    out = Path(out)
+    model.eval()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+        out.rmdir()  # staging_dir checked that it is empty
+    staging.replace(out)
+    return out
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
@@ -746,29 +745,20 @@ def pretrain(model_dir: str | Path, out: str | Path, cfg: PretrainConfig) -> Pat
     ``config.json``/weights/tokenizer (``save_pretrained``), ``recall_curve.jsonl``,
     ``recall_curve.png``, ``pretrain_config.json``.
     """
-    from memact.policy.model import count_parameters, load_policy
+    from memact.policy.model import count_parameters, load_policy, publish, staging_dir
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
     torch.set_num_threads(cfg.threads)
     model, tokenizer = load_policy(model_dir)
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     (staging / "pretrain_config.json").write_text(json.dumps({**asdict(cfg), "bf16": cfg.bf16, "model": str(model_dir)}, indent=1))
     trainer = Pretrainer(model, tokenizer, cfg, log_path=staging / "recall_curve.jsonl")
     print(f"[memact] pretrain: {count_parameters(model):,} parameters, {cfg.tokens:,} tokens, levels "
           f"{cfg.curriculum}, {len(trainer.heldout_names)} held-out names; chance (attribute only) "
           f"{trainer.chance['attribute_only']}", flush=True)
     trainer.train_for()
-    model.eval()
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     plot_curve(trainer.curve, staging / "recall_curve.png")
-    if out.exists():
-        out.rmdir()  # checked empty above
-    staging.replace(out)
+    publish(model, tokenizer, staging, out)
     last = trainer.curve[-1]
     print(f"[memact] wrote {out}: held-out recall {last['recall']} after {trainer.tokens:,} tokens "
           f"({trainer.tokens / max(trainer.train_s, 1e-9):,.0f} tok/s)", flush=True)

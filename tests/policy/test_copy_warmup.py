@@ -25,6 +25,11 @@ from memact.policy.copy_warmup import (
 IDS = set(ID_POOL)
 
 
+def _targets(tokenizer, ids, tgt, kind: str) -> list[str]:
+    """The target words of one kind, in order."""
+    return [tokenizer.convert_ids_to_tokens(i) for i, k in zip(ids, tgt) if KIND_NAMES.get(k) == kind]
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 8), fmt=st.sampled_from(["mqar", "mqar_all"]))
 def test_mqar_target_is_the_value_that_followed_the_same_key(tokenizer, seed, n, fmt):
@@ -43,8 +48,7 @@ def test_prune_targets_are_the_shown_record_ids_and_the_noted_values(tokenizer, 
     ids, tgt = episode("prune", n, random.Random(seed), tokenizer)
     text = tokenizer.decode(ids)
     shown = re.findall(r"<tool_response>\n\[id: (\w+)\]", text)
-    copies = [tokenizer.convert_ids_to_tokens(i) for i, k in zip(ids, tgt) if KIND_NAMES.get(k) == "copy"]
-    notes = [tokenizer.convert_ids_to_tokens(i) for i, k in zip(ids, tgt) if KIND_NAMES.get(k) == "note"]
+    copies, notes = _targets(tokenizer, ids, tgt, "copy"), _targets(tokenizer, ids, tgt, "note")
     assert copies == shown and set(copies) <= IDS and 1 <= len(copies) <= n
     memory = re.search(r'"memory": "([^"]*)"', text).group(1)
     assert [v.split(": ")[1] for v in memory.split("; ")] == notes
@@ -122,7 +126,7 @@ def test_idlist_targets_are_every_record_id_but_the_head_in_order(tokenizer, see
     ids, tgt = episode("idlist", n, random.Random(seed), tokenizer)
     text = tokenizer.decode(ids)
     headers = re.findall(r"\[id: (\w+)\]", text)
-    copies = [tokenizer.convert_ids_to_tokens(i) for i, k in zip(ids, tgt) if k]
+    copies = _targets(tokenizer, ids, tgt, "copy")
     assert set(tgt) <= {0, 3} and copies == headers[1:] and 1 <= len(copies) <= n
     # The filler words hold no record id: the only ids in context are the headers.
     assert sum(tokenizer.convert_ids_to_tokens(i) in IDS for i in ids) == len(headers) + len(copies)
