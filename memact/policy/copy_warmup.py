@@ -43,6 +43,7 @@ runs).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -56,17 +57,30 @@ FORMATS = ("mqar", "mqar_all", "prune", "prune_mqar", "idlist", "idlist_mqar", "
 _BUILDERS: dict[int, Any] = {}
 
 
-def _words() -> list[str]:
+@functools.cache
+def _words() -> tuple[str, ...]:
+    """Every single-token world word: names, values, record ids."""
     from memact.env.memory import ID_POOL
     from memact.env.task import ATTRIBUTES, NAME_POOL
 
-    return NAME_POOL + [v for vs in ATTRIBUTES.values() for v in vs] + list(ID_POOL)
+    return tuple(NAME_POOL + [v for vs in ATTRIBUTES.values() for v in vs] + list(ID_POOL))
 
 
-def _id_set() -> set[str]:
+@functools.cache
+def _non_id_words() -> tuple[str, ...]:
     from memact.env.memory import ID_POOL
 
-    return set(ID_POOL)
+    ids = set(ID_POOL)
+    return tuple(w for w in _words() if w not in ids)
+
+
+def _builder(tok: Any):
+    """One ``EpisodeBuilder`` per tokenizer (its construction checks the tokenizer)."""
+    from memact.policy.pretrain import EpisodeBuilder
+
+    if id(tok) not in _BUILDERS:
+        _BUILDERS[id(tok)] = EpisodeBuilder(tok)
+    return _BUILDERS[id(tok)]
 
 
 def episode(fmt: str, n: int, rng: random.Random, tok: Any, vocab: int = 0) -> tuple[list[int], list[int]]:
@@ -94,11 +108,7 @@ def episode(fmt: str, n: int, rng: random.Random, tok: Any, vocab: int = 0) -> t
     if fmt == "idlist":
         return _idlist(n, rng, tok)
     if fmt == "prune":
-        from memact.policy.pretrain import EpisodeBuilder
-
-        if id(tok) not in _BUILDERS:
-            _BUILDERS[id(tok)] = EpisodeBuilder(tok)
-        ep = _BUILDERS[id(tok)].prune(rng, rng.randint(1, n), NAME_POOL)
+        ep = _builder(tok).prune(rng, rng.randint(1, n), NAME_POOL)
         tgt = [0] * len(ep.ids)
         for pos, kind in zip(ep.targets, ep.kinds):
             tgt[pos] = 3 if kind == "copy" else 2
@@ -143,11 +153,8 @@ def _idlist(n: int, rng: random.Random, tok: Any) -> tuple[list[int], list[int]]
     """A head record, 1 to n short records, then the ``delete_ids`` list of every record but the head."""
     from memact.env.memory import ID_POOL
     from memact.env.tools import with_record_id
-    from memact.policy.pretrain import EpisodeBuilder
 
-    if id(tok) not in _BUILDERS:
-        _BUILDERS[id(tok)] = EpisodeBuilder(tok)
-    words = [w for w in _words() if w not in _id_set()]
+    words = _non_id_words()
     k = rng.randint(1, n)
     rids = rng.sample(ID_POOL, k + 1)
     text = "".join(with_record_id(r, " ".join(rng.sample(words, rng.randint(2, 6)))) + "\n" for r in rids)
@@ -158,7 +165,7 @@ def _idlist(n: int, rng: random.Random, tok: Any) -> tuple[list[int], list[int]]
         marks.append((len(text), rid, "copy", 1.0 / len(rids)))
         text += rid + '"'
     text += "]"
-    ep = _BUILDERS[id(tok)]._tokenize(text, marks, [], 0)
+    ep = _builder(tok)._tokenize(text, marks, [], 0)
     tgt = [0] * len(ep.ids)
     for pos in ep.targets:
         tgt[pos] = 3
