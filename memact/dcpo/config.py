@@ -226,6 +226,10 @@ class SFTConfig:
     """Segments per optimizer step (the last step of an epoch may have fewer)."""
     shuffle: bool = True
     """Shuffle segments each epoch (seeded by ``run.seed`` and the epoch)."""
+    max_minutes: float = 0.0
+    """Time box: stop after the optimizer step during which this many minutes of training
+    have passed, and save as usual (0: run every step of ``epochs``). The lr schedule is still
+    laid out over every step, so a cut run ends before its schedule does."""
 
 
 @dataclass
@@ -380,6 +384,7 @@ def validate(cfg: Config) -> None:
            f"in [1, rollout.prompts_per_step={r.prompts_per_step}]")
     _check(cfg.sft.epochs >= 1, "sft.epochs", cfg.sft.epochs, ">= 1")
     _check(cfg.sft.segments_per_step >= 1, "sft.segments_per_step", cfg.sft.segments_per_step, ">= 1")
+    _check(cfg.sft.max_minutes >= 0, "sft.max_minutes", cfg.sft.max_minutes, ">= 0 (0: no limit)")
     _check(cfg.run.steps >= 0, "run.steps", cfg.run.steps, ">= 0")
     _check(cfg.run.threads >= 1, "run.threads", cfg.run.threads, ">= 1")
     _check(cfg.run.save_every >= 0, "run.save_every", cfg.run.save_every, ">= 0")

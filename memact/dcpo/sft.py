@@ -57,6 +57,7 @@ def sft(cfg: Config) -> Path:
     log = MetricsLogger(staging, cfg, dist.is_main)
     log.table_every = 0  # one line per step is enough for SFT
     bar = StepBar(len(steps), cfg.logging.progress and dist.is_main, "sft")
+    start = time.perf_counter()
     try:
         for step, (epoch, chunk) in enumerate(steps):
             t0, lr = time.perf_counter(), engine.get_lr()[0]
@@ -66,6 +67,11 @@ def sft(cfg: Config) -> Path:
             log.log({"step": step, "epoch": epoch, "loss": loss, "tokens": tokens, "lr": lr,
                      "grad_norm": grad_norm, "tok_s": fed / dt, "step_s": dt})
             bar.update(step + 1, f"epoch {epoch} loss {loss:.4f}")
+            if cfg.sft.max_minutes and step + 1 < len(steps) and time_up(start, cfg.sft.max_minutes, dist):
+                if dist.is_main:
+                    print(f"[memact] SFT: sft.max_minutes={cfg.sft.max_minutes:g} reached; stopping after step "
+                          f"{step + 1} of {len(steps)}", flush=True)
+                break
         bar.stop()
         log.close()
         save_hf(engine, tokenizer, staging, dist.is_main)
@@ -85,6 +91,12 @@ def sft(cfg: Config) -> Path:
 def _replace_empty(out: Path, staging: Path) -> None:
     out.rmdir()  # checked empty at the start
     staging.replace(out)
+
+
+def time_up(start: float, minutes: float, dist: DistInfo) -> bool:
+    """Whether any rank has trained ``minutes`` since ``start`` (all ranks agree, so all stop together)."""
+    over = float(time.perf_counter() - start >= 60 * minutes)
+    return all_reduce_sum([over], dist.world_size)[0] > 0
 
 
 def epoch_steps(seqs: list[TrainSequence], cfg: Config, epoch: int) -> list[tuple[int, list[int]]]:

@@ -9,10 +9,17 @@ was wrong, and nothing else changes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import bm25s
+# bm25s imports JAX when it is installed. On a GPU machine, JAX's first use there reserves 75%
+# of the GPU's memory; measured on an H100: six warm-up processes that imported this module
+# ran out of GPU memory at their first step. memact never needs JAX on a GPU (a user's own
+# JAX_PLATFORMS / XLA_PYTHON_CLIENT_PREALLOCATE win).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import bm25s  # noqa: E402
 
 from memact.env.memory import Budget, IdSource, MemoryActionError, Record, WorkingMemory
 from memact.env.task import Task, parse_final_answer, score_answer
@@ -64,7 +71,8 @@ class BM25Search:
         if not q[0]:
             return []
         k = min(topk, len(self.documents))
-        docs, scores = self._retriever.retrieve(q, k=k, show_progress=False)
+        # numpy top-k: bm25s's "auto" picks JAX when installed (see the import above).
+        docs, scores = self._retriever.retrieve(q, k=k, show_progress=False, backend_selection="numpy")
         return [self.documents[int(d)] for d, s in zip(docs[0], scores[0]) if s > 0]
 
 

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="copy", choices=["copy", "facts"], help="which warm-up (see above)")
     p.add_argument("--stages", default=None,
                    help="copy: comma-separated format:steps[:n:batch:seq_len[:loss]] (formats "
-                   f"{', '.join(FORMATS)}; loss all or targets); default: the measured recipe, "
+                   f"{', '.join(FORMATS)}; loss all, targets or copy, see docs/pretrain.md); default: the measured recipe, "
                    f"{stages_text(DEFAULT_STAGES)}")
     p.add_argument("--scale", type=float, default=1.0, help="copy: multiply every stage's steps (e.g. 0.01 to smoke-test)")
     p.add_argument("--lr", type=float, default=None,
@@ -60,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=_D.dtype, choices=["auto", "bf16", "fp32"],
                    help="facts: auto: bf16 autocast only on CPUs with bf16 instructions (else it is ~10x slower)")
     p.add_argument("--threads", type=int, default=_D.threads, help="torch threads")
+    p.add_argument("--device", default="auto",
+                   help="copy: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=_D.seed)
     p.set_defaults(func=run)
 
@@ -72,11 +74,19 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise SystemExit(f"error: {', '.join(given)} set the facts recipe; add --recipe facts or drop them")
         from memact.policy.copy_warmup import copy_warmup, parse_stages
+        from memact.policy.model import resolve_device
+
+        try:
+            device = resolve_device(args.device)
+        except ValueError as err:
+            raise SystemExit(f"error: --device: {err}") from None
 
         stages = parse_stages(args.stages or stages_text(DEFAULT_STAGES), scale=args.scale, lr=args.lr)
         copy_warmup(args.model, args.out, stages, eval_every=args.eval_every or 500, seed=args.seed,
-                    threads=args.threads)
+                    threads=args.threads, device=device)
         return 0
+    if args.device != "auto":
+        raise SystemExit("error: --device sets the copy recipe's device; the facts recipe runs on the CPU")
     from memact.policy.pretrain import parse_curriculum, pretrain
 
     cfg = PretrainConfig(

@@ -53,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 KIND_NAMES = {1: "recall", 2: "note", 3: "copy"}
+# Marks a token that no model can predict and that loss="copy" skips: the fresh record headers
+# an idlist episode opens with (its targets are the ids copied from them).
+FRESH = -1
+LOSSES = ("all", "targets", "copy")
 FORMATS = ("mqar", "mqar_all", "prune", "prune_mqar", "idlist", "idlist_mqar", "repeat", "fact", "mixed")
 _BUILDERS: dict[int, Any] = {}
 
@@ -166,7 +170,8 @@ def _idlist(n: int, rng: random.Random, tok: Any) -> tuple[list[int], list[int]]
         text += rid + '"'
     text += "]"
     ep = _builder(tok)._tokenize(text, marks, [], 0)
-    tgt = [0] * len(ep.ids)
+    first = min(ep.targets)
+    tgt = [FRESH] * first + [0] * (len(ep.ids) - first)  # the headers are fresh random words and ids
     for pos in ep.targets:
         tgt[pos] = 3
     return ep.ids, tgt
@@ -221,7 +226,9 @@ class Stage:
         loss: ``all`` (next-token loss on every token) or ``targets`` (only on the target
             tokens: the fresh random words of an episode, such as a new record's id, are
             unpredictable, and training on them teaches "an id here is one not seen before",
-            the opposite of the copy).
+            the opposite of the copy), or ``copy``: every token except the fresh record headers
+            that open ``idlist`` episodes (marked ``FRESH``), so an ``idlist_mqar`` mix trains
+            recall episodes on every token and id lists on their targets.
     """
 
     format: str
@@ -240,8 +247,8 @@ class Stage:
                 raise ValueError(f"stage {self.format}: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"stage {self.format}: lr must be > 0, got {self.lr}")
-        if self.loss not in ("all", "targets"):
-            raise ValueError(f"stage {self.format}: loss must be all or targets, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"stage {self.format}: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
 # The chain measured end to end on this CPU (docs/pretrain.md, "Third round"), about 45 min
@@ -303,6 +310,9 @@ class CopyWarmup:
         eval_rows: rows of the fixed evaluation batch of each format.
         seed: training data seed (evaluation batches use their own fixed seed).
         log: called with each printed line.
+
+    Batches are built on the host and moved to the model's device, so the same run works on
+    the CPU or a GPU (there the tiny models are bound by kernel launches, not arithmetic).
     """
 
     def __init__(self, model: Any, tokenizer: Any, stages: tuple[Stage, ...], eval_every: int = 500,
@@ -312,6 +322,7 @@ class CopyWarmup:
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {eval_every}")
         self.model, self.tok, self.stages = model, tokenizer, stages
+        self.device = next(model.parameters()).device
         self.eval_every, self.log = eval_every, log
         self.rng = random.Random(seed)
         # One fixed evaluation batch per format, at that format's stage shape.
@@ -344,7 +355,8 @@ class CopyWarmup:
                                "train_s": round(self.train_s, 1), "acc": {}, "nll": {}}
         self.model.eval()
         with torch.no_grad():
-            for fmt, (x, m, kind) in self.eval_batches.items():
+            for fmt, batch in self.eval_batches.items():
+                x, m, kind = (t.to(self.device) for t in batch)
                 logits = self.model(input_ids=x, attention_mask=m).logits[:, :-1].float()
                 t, k = x[:, 1:], kind[:, 1:]
                 hit = logits.argmax(-1) == t
@@ -376,12 +388,15 @@ class CopyWarmup:
                 t0 = time.perf_counter()
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.lr_at(stage, s)
-                x, m, kind = make_batch(stage.format, stage.n, self.rng, self.tok, stage.batch, stage.seq_len)
+                x, m, kind = (t.to(self.device, non_blocking=True) for t in
+                              make_batch(stage.format, stage.n, self.rng, self.tok, stage.batch, stage.seq_len))
                 logits = self.model(input_ids=x, attention_mask=m).logits[:, :-1]
                 ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
                 w = m[:, 1:].reshape(-1).float()
                 if stage.loss == "targets":
                     w = w * (kind[:, 1:].reshape(-1) > 0)
+                elif stage.loss == "copy":
+                    w = w * (kind[:, 1:].reshape(-1) >= 0)
                 loss = (ce * w).sum() / w.sum().clamp(min=1.0)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -424,28 +439,30 @@ def plot_copy_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...] = DEFAULT_STAGES,
-                eval_every: int = 500, seed: int = 0, threads: int = 1) -> Path:
+                eval_every: int = 500, seed: int = 0, threads: int = 1, device: str = "auto") -> Path:
     """Warm up the model in ``model_dir`` stage by stage; write it to ``out``.
 
     Output (written to a hidden sibling directory, renamed into place at the end, so an
     interrupted run leaves no half-written ``out``): the model and tokenizer
     (``save_pretrained``), ``recall_curve.jsonl`` (one row per evaluation),
-    ``recall_curve.png`` and ``pretrain_config.json``.
+    ``recall_curve.png`` and ``pretrain_config.json``. ``device``: ``auto`` (a GPU when torch
+    sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; the model is trained in fp32 on it.
     """
     import torch
 
-    from memact.policy.model import count_parameters, load_policy, publish, staging_dir
+    from memact.policy.model import count_parameters, load_policy, publish, resolve_device, staging_dir
 
     out = Path(out)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model, tokenizer = load_policy(model_dir)
+    model, tokenizer = load_policy(model_dir, device=resolve_device(device))
     staging = staging_dir(out)
     (staging / "pretrain_config.json").write_text(json.dumps(
         {"recipe": "copy", "stages": [asdict(s) for s in stages], "eval_every": eval_every, "seed": seed,
          "model": str(model_dir)}, indent=1))
     total = sum(s.steps for s in stages)
-    print(f"[memact] pretrain (copy recipe): {count_parameters(model):,} parameters, {len(stages)} stages, "
+    print(f"[memact] pretrain (copy recipe): {count_parameters(model):,} parameters on {model.device}, "
+          f"{len(stages)} stages, "
           f"{total:,} steps: {stages_text(stages)}", flush=True)
     warm = CopyWarmup(model, tokenizer, stages, eval_every=eval_every, seed=seed,
                       log=lambda s: print(s, flush=True))

@@ -144,6 +144,20 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` (or None): ``cuda`` when torch sees a GPU, else ``cpu``; anything else as given,
+    checked, so that ``cuda`` on a machine without one is a clear error rather than a CUDA trace."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no GPU here (use cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def load_policy(path: str | os.PathLike, dtype=None, device: str = "cpu"):
     """Model and tokenizer from a local directory (tiny or a real checkpoint); fp32 by default."""
     import torch

@@ -74,10 +74,12 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, mtime: float):
-    """Evaluations roll out the same model many times: load it once (keyed on path and mtime)."""
-    from memact.policy.model import load_policy
+    """Evaluations roll out the same model many times: load it once (keyed on path and mtime).
 
-    return load_policy(path)
+    On a GPU when torch sees one (``$MEMACT_DEVICE`` overrides: cpu, cuda, cuda:N)."""
+    from memact.policy.model import load_policy, resolve_device
+
+    return load_policy(path, device=resolve_device(os.environ.get("MEMACT_DEVICE", "auto")))
 
 
 def trajectory_json(traj: Trajectory) -> dict[str, Any]:

@@ -33,6 +33,20 @@ def test_sft_loss_falls(micro_model_dir, scripted_jsonl, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_max_minutes_stops_early_and_saves(micro_model_dir, scripted_jsonl, tmp_path, capsys):
+    from memact.dcpo.cli_train import main
+
+    out = tmp_path / "sft"
+    rc = main(_sft_args(scripted_jsonl, out, micro_model_dir, "sft.epochs=3", "sft.segments_per_step=4",
+                        "sft.max_minutes=1e-9"))
+    assert rc == 0
+    assert len(open(out / "metrics.jsonl").readlines()) == 1  # the time box is checked after each step
+    assert "sft.max_minutes=1e-09 reached; stopping after step 1 of" in capsys.readouterr().out
+    assert (out / "config.json").exists() and not list(tmp_path.glob(".*partial"))
+    with pytest.raises(SystemExit, match="sft.max_minutes"):
+        main(_sft_args(scripted_jsonl, tmp_path / "bad", micro_model_dir, "sft.max_minutes=-1"))
+
+
 def _write(path, rows):
     path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from memact.env.memory import ID_POOL
 from memact.policy.copy_warmup import (
     DEFAULT_STAGES,
+    FRESH,
     KIND_NAMES,
     CopyWarmup,
     Stage,
@@ -70,7 +71,7 @@ def test_parse_stages_defaults_scale_and_errors():
     assert parse_stages("idlist:7:1:4:128:targets") == (Stage("idlist", 7, 1, 4, 128, loss="targets"),)
     for bad, msg in [("bogus:10", "not one of"), ("mqar", "format:steps"), ("mqar:x", "integers"),
                      ("mqar:0", "steps must be >= 1"), ("", "names no stage"),
-                     ("idlist:7:1:4:128:some", "loss must be all or targets")]:
+                     ("idlist:7:1:4:128:some", "loss must be one of all, targets, copy")]:
         with pytest.raises(ValueError, match=msg):
             parse_stages(bad)
 
@@ -127,6 +128,29 @@ def test_idlist_targets_are_every_record_id_but_the_head_in_order(tokenizer, see
     text = tokenizer.decode(ids)
     headers = re.findall(r"\[id: (\w+)\]", text)
     copies = _targets(tokenizer, ids, tgt, "copy")
-    assert set(tgt) <= {0, 3} and copies == headers[1:] and 1 <= len(copies) <= n
+    assert set(tgt) <= {FRESH, 0, 3} and copies == headers[1:] and 1 <= len(copies) <= n
+    # Everything before the first copied id (the fresh headers) is FRESH, nothing after it.
+    first = tgt.index(3)
+    assert set(tgt[:first]) == {FRESH} and FRESH not in tgt[first:]
+    assert "delete_ids" not in tokenizer.decode(ids[first:])
     # The filler words hold no record id: the only ids in context are the headers.
     assert sum(tokenizer.convert_ids_to_tokens(i) in IDS for i in ids) == len(headers) + len(copies)
+
+
+def test_device_flag_is_checked_before_anything_is_written(micro_model_dir, tmp_path):
+    from memact.policy.cli_pretrain import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    for argv, message in [(["--device", "tpu"], "use auto, cpu, cuda"),
+                          (["--device", "cpu", "--recipe", "facts"], "facts recipe runs on the CPU")]:
+        args = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(tmp_path / "w"), *argv])
+        with pytest.raises(SystemExit, match=message):
+            args.func(args)
+    assert not (tmp_path / "w").exists()
+
+
+def test_copy_loss_skips_only_the_fresh_headers(tokenizer):
+    x, m, kind = make_batch("idlist_mqar", 1, random.Random(3), tokenizer, 8, 128)
+    assert (kind == FRESH).any() and (kind == 1).any() and (kind == 3).any()  # both episode kinds present
+    assert ((kind == FRESH) <= (m == 1)).all()  # padding is never marked

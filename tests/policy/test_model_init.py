@@ -59,3 +59,17 @@ def test_new_model_cli_refuses_an_unknown_type_group(tmp_path):
     with pytest.raises(SystemExit, match="unknown group"):
         main(["new-model", "--out", str(tmp_path / "m"), "--type-groups", "id,ids"])
     assert not (tmp_path / "m").exists()
+
+
+def test_resolve_device_is_checked():
+    import torch
+
+    from memact.policy.model import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="use auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no GPU"):
+            resolve_device("cuda:0")
