@@ -54,6 +54,7 @@ def sft(cfg: Config) -> Path:
         print(f"[memact] SFT: {len(seqs)} segments, {sum(s.n_trained for s in seqs)} trained tokens | "
               f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()} | bf16 {engine.bfloat16_enabled()}",
               flush=True)
+    rehearse = Rehearsal(cfg, tokenizer, dist) if cfg.sft.rehearsal else None
     log = MetricsLogger(staging, cfg, dist.is_main)
     log.table_every = 0  # one line per step is enough for SFT
     bar = StepBar(len(steps), cfg.logging.progress and dist.is_main, "sft")
@@ -62,10 +63,11 @@ def sft(cfg: Config) -> Path:
         for step, (epoch, chunk) in enumerate(steps):
             t0, lr = time.perf_counter(), engine.get_lr()[0]
             mine = chunk[dist.rank::dist.world_size]  # data parallel: ranks split each step's segments
-            loss, tokens, fed, grad_norm = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist)
+            loss, tokens, fed, grad_norm, extra = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist,
+                                                           rehearse)
             dt = time.perf_counter() - t0
             log.log({"step": step, "epoch": epoch, "loss": loss, "tokens": tokens, "lr": lr,
-                     "grad_norm": grad_norm, "tok_s": fed / dt, "step_s": dt})
+                     "grad_norm": grad_norm, "tok_s": fed / dt, "step_s": dt, **extra})
             bar.update(step + 1, f"epoch {epoch} loss {loss:.4f}")
             if cfg.sft.max_minutes and step + 1 < len(steps) and time_up(start, cfg.sft.max_minutes, dist):
                 if dist.is_main:
@@ -108,13 +110,34 @@ def epoch_steps(seqs: list[TrainSequence], cfg: Config, epoch: int) -> list[tupl
     return [(epoch, order[i:i + n]) for i in range(0, len(order), n)]
 
 
-def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: DistInfo
-             ) -> tuple[float, int, int, float]:
+class Rehearsal:
+    """``sft.rehearsal``: one batch of copy warm-up episodes per step, seeded per rank."""
+
+    def __init__(self, cfg: Config, tokenizer, dist: DistInfo):
+        from memact.dcpo.config import rehearsal_stage
+
+        self.stage, self.tok, self.weight = rehearsal_stage(cfg.sft.rehearsal), tokenizer, cfg.sft.rehearsal_weight
+        self.rng = random.Random(cfg.run.seed * 7_919 + 17 + dist.rank)
+
+    def backward(self, engine) -> float:
+        """Add this step's rehearsal gradient to the engine's; returns the (unweighted) loss."""
+        from memact.policy.copy_warmup import copy_loss, make_batch
+
+        s = self.stage
+        x, m, kind = (t.to(engine.device) for t in make_batch(s.format, s.n, self.rng, self.tok, s.batch, s.seq_len))
+        loss = copy_loss(engine, x, m, kind, s.loss)
+        engine.backward(loss * self.weight, scale_wrt_gas=False)  # DeepSpeed averages the ranks' batches
+        return loss.item()
+
+
+def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: DistInfo,
+             rehearse: Rehearsal | None = None) -> tuple[float, int, int, float, dict]:
     """One optimizer step of token-mean cross-entropy over ``seqs``, accumulated over micro-batches.
 
     Returns:
         (loss in nats per trained token, trained tokens, real tokens fed to the model, gradient
-        norm), all over every rank.
+        norm, extra metrics), all over every rank; with ``rehearse`` its batch's loss is added
+        to the step's gradient and reported as ``rehearsal_loss``.
     """
     mbs = [mb.to(engine.device) for mb in
            micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, pad_id, cfg.batch.pad_to_multiple_of)]
@@ -125,6 +148,9 @@ def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: 
         loss = logp.sum() * 0.0 if is_idle(mb) else aggregate(-logp, mb.loss_mask, "token_mean", norm)
         engine.backward(loss * dist.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
         total += loss.item()
+    extra = {}
+    if rehearse is not None:
+        extra["rehearsal_loss"] = all_reduce_sum([rehearse.backward(engine)], dist.world_size)[0] / dist.world_size
     grad_norm = optimizer_step(engine)
     total, fed = all_reduce_sum([total, sum(mb.n_real_tokens for mb in mbs)], dist.world_size)
-    return total, norm.token_count, int(fed), grad_norm
+    return total, norm.token_count, int(fed), grad_norm, extra

@@ -32,9 +32,10 @@ def _targets(tokenizer, ids, tgt, kind: str) -> list[str]:
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 8), fmt=st.sampled_from(["mqar", "mqar_all"]))
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 8), fmt=st.sampled_from(["mqar", "mqar_all", "mqar_vocab"]))
 def test_mqar_target_is_the_value_that_followed_the_same_key(tokenizer, seed, n, fmt):
     ids, tgt = episode(fmt, n, random.Random(seed), tokenizer)
+    assert not set(ids) & set(tokenizer.all_special_ids)
     assert len(ids) == len(tgt) == 4 * n and sum(tgt) == n
     first = dict(zip(ids[0:2 * n:2], ids[1:2 * n:2]))
     assert len(first) == n  # distinct keys
