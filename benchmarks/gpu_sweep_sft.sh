@@ -35,8 +35,6 @@ t() { echo "[gpu] $(( $(date +%s) - T0 ))s: $*"; }
 t "sweep (limit ${SWEEP_MIN} min per variant)"
 C300="mqar_all:300:4:4:128:all,idlist:150:1:4:128:targets"
 C16="mqar_all:300:4:16:128:all,idlist:150:1:16:128:targets"
-I16="idlist:150:1:16:128:targets,mqar_all:300:4:16:128:all"
-CHAIN="mqar:4000:4:16:128:all,mqar_all:1500:4:16:128:all,($I16)*20"
 [ -n "${SKIP_SWEEP:-}" ] || $PY benchmarks/warmup_sweep.py --out "$W/sweep" --minutes "$SWEEP_MIN" \
   "mixcK1=.gpu/K1|(idlist_mqar:400:1:16:128:copy)*40" \
   "cycK1=.gpu/K1|($C300)*40,mqar_all:600:4:4:128:all" \

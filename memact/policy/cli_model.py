@@ -26,13 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memact.policy.model import count_parameters, load_policy, new_model
+    from memact.policy.model import WORD_GROUPS, count_parameters, load_policy, new_model
 
     groups = () if args.type_groups.strip() == "none" else tuple(
         g.strip() for g in args.type_groups.split(",") if g.strip())
-    unknown = sorted(set(groups) - {"id", "name", "value"})
-    if unknown:
-        raise SystemExit(f"error: --type-groups: unknown group(s) {', '.join(unknown)}; use id, name, value or none")
+    unknown = sorted(set(groups) - set(WORD_GROUPS))
+    if unknown:  # before the tokenizer is trained and anything is written
+        raise SystemExit(f"error: --type-groups: unknown group(s) {', '.join(unknown)}; "
+                         f"use {', '.join(WORD_GROUPS)} or none")
     out = new_model(args.out, preset=args.preset, seed=args.seed, vocab_size=args.vocab_size, type_groups=groups)
     model, tok = load_policy(out)
     print(f"wrote {out}: preset={args.preset} parameters={count_parameters(model):,} vocab={len(tok)}")

@@ -61,6 +61,7 @@ FRESH = -1
 LOSSES = ("all", "targets", "copy")
 FORMATS = ("mqar", "mqar_all", "mqar_vocab", "prune", "prune_mqar", "idlist", "idlist_mqar", "repeat", "fact", "mixed")
 _BUILDERS: dict[int, Any] = {}
+_POOLS: dict[tuple[int, str], list[int]] = {}
 
 
 @functools.cache
@@ -78,6 +79,19 @@ def _non_id_words() -> tuple[str, ...]:
 
     ids = set(ID_POOL)
     return tuple(w for w in _words() if w not in ids)
+
+
+def _token_pool(tok: Any, fmt: str) -> list[int]:
+    """Token ids that ``mqar_all`` (the world words) or ``mqar_vocab`` (every non-special token)
+    draws keys and values from, computed once per tokenizer."""
+    key = (id(tok), fmt)
+    if key not in _POOLS:
+        if fmt == "mqar_all":
+            _POOLS[key] = [tok.convert_tokens_to_ids(w) for w in _words()]
+        else:
+            special = set(tok.all_special_ids)
+            _POOLS[key] = [i for i in range(len(tok)) if i not in special]
+    return _POOLS[key]
 
 
 def _builder(tok: Any):
@@ -126,23 +140,17 @@ def episode(fmt: str, n: int, rng: random.Random, tok: Any, vocab: int = 0) -> t
         k = rng.randint(max(1, n // 2), n)
         seq = [tid(w) for w in rng.sample(words, k)]
         return seq + seq, [0] * k + [1] * k
-    if fmt == "mqar_vocab":  # keys and values drawn from the whole vocabulary, BPE pieces included
-        special = set(tok.all_special_ids)
-        pool = [i for i in range(len(tok)) if i not in special]
-        picked = rng.sample(pool, 2 * n)
-        ids = [t for k, v in zip(picked[:n], picked[n:]) for t in (k, v)]
-        order = rng.sample(range(n), n)
-        return ids + [t for i in order for t in (picked[i], picked[n + i])], [0] * 2 * n + [0, 1] * n
-    if fmt in ("mqar", "mqar_all"):
+    if fmt in ("mqar", "mqar_all", "mqar_vocab"):
         if fmt == "mqar":
-            keys = rng.sample(NAME_POOL, n)
-            vals = [rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))]) for _ in keys]
-        else:
-            words = rng.sample(_words(), 2 * n)
-            keys, vals = words[:n], words[n:]
-        ids = [t for k, v in zip(keys, vals) for t in (tid(k), tid(v))]
+            names = rng.sample(NAME_POOL, n)
+            keys = [tid(k) for k in names]
+            vals = [tid(rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))])) for _ in names]
+        else:  # mqar_vocab: keys and values from the whole vocabulary, BPE pieces included
+            picked = rng.sample(_token_pool(tok, fmt), 2 * n)
+            keys, vals = picked[:n], picked[n:]
+        ids = [t for k, v in zip(keys, vals) for t in (k, v)]
         order = rng.sample(range(n), n)
-        return ids + [t for i in order for t in (tid(keys[i]), tid(vals[i]))], [0] * 2 * n + [0, 1] * n
+        return ids + [t for i in order for t in (keys[i], vals[i])], [0] * 2 * n + [0, 1] * n
     if fmt != "fact":
         raise ValueError(f"unknown episode format {fmt!r}; choose one of {', '.join(FORMATS)}")
 

@@ -64,6 +64,7 @@ def build_model(preset: str | ModelPreset, vocab_size: int, seed: int = 0, pad_t
     return model
 
 
+WORD_GROUPS = ("id", "name", "value")  # the synthetic world's single-token word groups
 TYPE_GROUPS = ("id",)  # the word groups new_model gives a shared embedding direction (measured: ids)
 
 
@@ -73,9 +74,9 @@ def world_token_groups(tokenizer, groups: tuple[str, ...] = TYPE_GROUPS) -> dict
     from memact.env.task import ATTRIBUTES, NAME_POOL
 
     words = {"id": list(ID_POOL), "name": list(NAME_POOL), "value": [v for vs in ATTRIBUTES.values() for v in vs]}
-    unknown = set(groups) - set(words)
+    unknown = set(groups) - set(WORD_GROUPS)
     if unknown:
-        raise ValueError(f"unknown word groups {sorted(unknown)}; choose from {', '.join(words)}")
+        raise ValueError(f"unknown word groups {sorted(unknown)}; choose from {', '.join(WORD_GROUPS)}")
     out = {}
     for g in groups:
         ids = [tokenizer.convert_tokens_to_ids(w) for w in words[g]]
