@@ -8,6 +8,7 @@ logits and reports accuracy per kind of target token:
 * ``value``: an attribute value (the note's and the final answer's content: recall),
 * ``name``: an entity name (the search query: copying from the question),
 * ``id``: a record id (``delete_ids``: copying from the record headers),
+* ``attribute``: an attribute word (the search query's relation: copying from the question),
 * ``other``: everything else (the format),
 
 plus the mean NLL per kind. A model that learned the format and not recall shows ``other``
@@ -32,7 +33,7 @@ def token_kinds(tokenizer) -> dict[int, str]:
 
     kinds: dict[int, str] = {}
     for kind, words in (("name", NAME_POOL), ("value", [v for vs in ATTRIBUTES.values() for v in vs]),
-                        ("id", ID_POOL)):
+                        ("id", ID_POOL), ("attribute", list(ATTRIBUTES))):
         for w in words:
             ids = tokenizer.encode(w, add_special_tokens=False)
             if len(ids) == 1:

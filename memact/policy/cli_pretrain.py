@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Teach a model directory (from `memact new-model`) to copy from its context before SFT. "
         "--recipe copy (the default; each stage measured in docs/pretrain.md): stages of synthetic episodes "
         "over the task's words, many small steps each: multi-query associative recall over names and values "
-        "(mqar), then over every word including record ids (mqar_all), then lists of the record ids shown in "
-        "[id: ...] headers (idlist, trained on the ids only). --recipe facts: the "
+        "(mqar), then over every word including record ids (mqar_all); lists of the record ids shown in "
+        "[id: ...] headers (idlist, trained on the ids only) are a stage to add; at the end the embedding rows "
+        "of the tokens no stage fed are redrawn. --recipe facts: the "
         "first design, facts in search-result records answered by questions, with a curriculum over the "
         "number of facts (slower: it did not copy within the budgets measured). Both write the model and "
         "tokenizer (save_pretrained), recall_curve.jsonl and recall_curve.png to --out.",
@@ -62,6 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=_D.threads, help="torch threads")
     p.add_argument("--device", default="auto",
                    help="copy: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--keep-unseen-rows", action="store_true",
+                   help="copy: leave the embedding rows of the tokens the warm-up never fed as training left them "
+                   "(by default they get fresh random directions at the end: the warm-up collapses them onto "
+                   "one vector, and SFT then cannot tell the attribute words apart; docs/pretrain.md)")
     p.add_argument("--seed", type=int, default=_D.seed)
     p.set_defaults(func=run)
 
@@ -83,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
 
         stages = parse_stages(args.stages or stages_text(DEFAULT_STAGES), scale=args.scale, lr=args.lr)
         copy_warmup(args.model, args.out, stages, eval_every=args.eval_every or 500, seed=args.seed,
-                    threads=args.threads, device=device)
+                    threads=args.threads, device=device, redraw_unseen=not args.keep_unseen_rows)
         return 0
     if args.device != "auto":
         raise SystemExit("error: --device sets the copy recipe's device; the facts recipe runs on the CPU")
+    if args.keep_unseen_rows:
+        raise SystemExit("error: --keep-unseen-rows belongs to the copy recipe; the facts recipe redraws nothing")
     from memact.policy.pretrain import parse_curriculum, pretrain
 
     cfg = PretrainConfig(

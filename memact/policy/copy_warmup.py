@@ -5,8 +5,7 @@ names into queries, record ids into ``delete_ids``. A tiny model trained on the 
 learns the format and copies nothing (docs/pretrain.md). What ``memact pretrain`` runs by
 default, measured stage by stage on this CPU, is a sequence of stages of synthetic episodes
 over the task's single-token words, each stage many small optimizer steps (steps set the
-pace, not tokens). Each stage teaches its copy; together they do not yet give a policy that
-answers (stage 3):
+pace, not tokens), then a redraw of the embedding rows the stages never fed:
 
 1. ``mqar`` (multi-query associative recall): n (name, value) pairs, then the names again
    in shuffled order, each followed by its value. Needs content-based lookup (an induction
@@ -16,17 +15,22 @@ answers (stage 3):
 2. ``mqar_all``: the same with keys and values drawn from every single-token word (names,
    values, record ids). From scratch it learns nothing in 3,000 steps (0.004); after
    stage 1 it reaches 0.19, and SFT from it copies names too (0.80), but not ids.
-3. ``idlist``: a head record and 1 to n short records, each under its ``[id: ...]`` header,
-   then ``"delete_ids": [...]`` listing every record id but the head's. The copy the
-   prunes need, in its simplest form. Trained on the targets only (``loss="targets"``).
-   Learned only once the ids share an embedding direction (``memact.policy.model.
-   add_type_directions``, which ``memact new-model`` applies): without it 0.00 after 1,100
-   steps, with it 0.71 at step 700 and 1.00 at 1,300. SFT from it copies ids (0.79) and its
-   prunes work, but this stage overwrites the value and name copy of stages 1-2 (values
-   0.02 after SFT): the 1M model held one copy circuit at a time in these budgets.
+3. The redraw (:meth:`CopyWarmup.redraw_unseen`): the stages leave the ~1,000 rows of the
+   tokens they never feed (attribute words, punctuation, the chat format) collapsed onto one
+   vector, and SFT cannot tell the attribute words apart again. Redrawn, a no-memory SFT
+   from this start learns the attribute too and answers 48 of 64 K=2 sub-questions.
+
+Measured and left out of the default: ``idlist`` (a head record and 1 to n short records,
+each under its ``[id: ...]`` header, then ``"delete_ids": [...]`` listing every record id
+but the head's; the copy the prunes need, in its simplest form, trained on the targets only,
+``loss="targets"``). It is learned once the ids share an embedding direction
+(``memact.policy.model.add_type_directions``, which ``memact new-model`` applies): 0.71 at
+step 700 and 1.00 at 1,300. SFT from it copies ids (0.59-0.79), but every SFT from such a
+start has copied either ids or values, never both: the 1M model learned one copy in the task
+in these budgets (docs/pretrain.md, "Fifth round").
 
 Also here, measured and left out of the default: ``prune`` (the warm-up's prune episodes,
-``EpisodeBuilder.prune``; 800 steps after stage 3 made the SFT worse), ``idlist_mqar``
+``EpisodeBuilder.prune``; 800 steps after an ``idlist`` stage made the SFT worse), ``idlist_mqar``
 (``idlist`` and ``mqar_all`` with 4 pairs, half each; keeps the ids, recovers recall only
 slowly at batch 4; at batch 16 on an H100 it took recall from 0.30 to 0.999 in 4,800 steps
 with the ids at 1.000, docs/pretrain.md "Fourth round"), ``prune_mqar`` (``prune`` and
@@ -286,25 +290,29 @@ class Stage:
             raise ValueError(f"stage {self.format}: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
-# The chain measured end to end on this CPU (docs/pretrain.md, "Third round"), about 45 min
-# on one core. After SFT it prunes with the right ids but has lost the value and name copy of
-# stages 1-2; `mqar:12000,mqar_all:3000` alone keeps those and copies no id.
+# The chain measured end to end on this CPU (docs/pretrain.md, "Third round" and "Fifth
+# round"), about 40 min on one core. With the unseen rows redrawn at the end, a no-memory SFT
+# from it answers 48 of 64 K=2 sub-questions (reward 0.750); a memory SFT from it copies
+# names, values and attributes (0.94-0.98 teacher-forced) but no record id. An `idlist` stage
+# after it (the previous default) teaches the id copy, and every SFT from such a start has
+# then copied either ids or values, never both (docs/pretrain.md, "Fifth round").
 DEFAULT_STAGES = (
     Stage("mqar", 12_000, n=4, batch=4, seq_len=128),
     Stage("mqar_all", 3_000, n=4, batch=4, seq_len=128),
-    Stage("idlist", 2_000, n=1, batch=4, seq_len=128, loss="targets"),
 )
+# What a `format:steps` item of --stages leaves out, per format (else Stage's defaults).
+STAGE_DEFAULTS = {s.format: s for s in DEFAULT_STAGES + (Stage("idlist", 2_000, n=1, loss="targets"),)}
 
 
 def parse_stages(text: str, scale: float = 1.0, lr: float | None = None) -> tuple[Stage, ...]:
     """``"mqar:12000,idlist:1000:1:4:128:targets"`` -> stages.
 
     Each item is ``format:steps``, ``format:steps:n:batch:seq_len`` or
-    ``format:steps:n:batch:seq_len:loss``; what an item leaves out comes from the format's
-    stage in ``DEFAULT_STAGES`` (else from :class:`Stage`'s defaults). ``scale`` multiplies
+    ``format:steps:n:batch:seq_len:loss``; what an item leaves out comes from
+    ``STAGE_DEFAULTS`` (else from :class:`Stage`'s defaults). ``scale`` multiplies
     every stage's steps (at least 1 step each); ``lr`` replaces every stage's learning rate.
     """
-    defaults = {s.format: s for s in DEFAULT_STAGES}
+    defaults = STAGE_DEFAULTS
     stages = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
@@ -372,6 +380,8 @@ class CopyWarmup:
         self.step = 0
         self.tokens = 0
         self.train_s = 0.0
+        # Which token ids the training batches fed (attended positions only).
+        self.seen = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
 
     @staticmethod
     def lr_at(stage: Stage, step: int) -> float:
@@ -422,8 +432,9 @@ class CopyWarmup:
                 t0 = time.perf_counter()
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.lr_at(stage, s)
-                x, m, kind = (t.to(self.device, non_blocking=True) for t in
-                              make_batch(stage.format, stage.n, self.rng, self.tok, stage.batch, stage.seq_len))
+                batch = make_batch(stage.format, stage.n, self.rng, self.tok, stage.batch, stage.seq_len)
+                self.seen[batch[0][batch[1].bool()]] = True
+                x, m, kind = (t.to(self.device, non_blocking=True) for t in batch)
                 loss = copy_loss(self.model, x, m, kind, stage.loss)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -439,6 +450,13 @@ class CopyWarmup:
                     if on_eval:
                         on_eval(row)
         return self.curve
+
+    def redraw_unseen(self, seed: int = 0) -> dict[str, float]:
+        """Redraw the embedding rows of every token the training batches never fed
+        (:func:`memact.policy.model.redraw_rows`); returns its statistics."""
+        from memact.policy.model import redraw_rows
+
+        return redraw_rows(self.model, (~self.seen).nonzero().flatten().tolist(), seed=seed)
 
 
 def plot_copy_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
@@ -466,13 +484,19 @@ def plot_copy_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...] = DEFAULT_STAGES,
-                eval_every: int = 500, seed: int = 0, threads: int = 1, device: str = "auto") -> Path:
+                eval_every: int = 500, seed: int = 0, threads: int = 1, device: str = "auto",
+                redraw_unseen: bool = True) -> Path:
     """Warm up the model in ``model_dir`` stage by stage; write it to ``out``.
+
+    ``redraw_unseen``: at the end, give the embedding rows of every token the warm-up never
+    fed a fresh random direction (:meth:`CopyWarmup.redraw_unseen`): the warm-up collapses
+    them onto one vector, and SFT then cannot tell the attribute words apart.
 
     Output (written to a hidden sibling directory, renamed into place at the end, so an
     interrupted run leaves no half-written ``out``): the model and tokenizer
     (``save_pretrained``), ``recall_curve.jsonl`` (one row per evaluation),
-    ``recall_curve.png`` and ``pretrain_config.json``. ``device``: ``auto`` (a GPU when torch
+    ``recall_curve.png`` and ``pretrain_config.json`` (the recipe; ``redraw_unseen`` holds the
+    redraw's statistics). ``device``: ``auto`` (a GPU when torch
     sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; the model is trained in fp32 on it.
     """
     import torch
@@ -484,9 +508,9 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
     torch.manual_seed(seed)
     model, tokenizer = load_policy(model_dir, device=resolve_device(device))
     staging = staging_dir(out)
-    (staging / "pretrain_config.json").write_text(json.dumps(
-        {"recipe": "copy", "stages": [asdict(s) for s in stages], "eval_every": eval_every, "seed": seed,
-         "model": str(model_dir)}, indent=1))
+    config = {"recipe": "copy", "stages": [asdict(s) for s in stages], "eval_every": eval_every, "seed": seed,
+              "model": str(model_dir), "redraw_unseen": redraw_unseen}
+    (staging / "pretrain_config.json").write_text(json.dumps(config, indent=1))
     total = sum(s.steps for s in stages)
     print(f"[memact] pretrain (copy recipe): {count_parameters(model):,} parameters on {model.device}, "
           f"{len(stages)} stages, "
@@ -500,6 +524,12 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
             f.write(json.dumps(row) + "\n")
 
     warm.run(on_eval=append)
+    if redraw_unseen:
+        stats = warm.redraw_unseen(seed)
+        print(f"[pretrain] redrew the embedding rows of the {stats['rows']:,} tokens the warm-up never fed "
+              f"(mean pairwise cosine {stats['cos_before']} before; norm {stats['norm']} each)", flush=True)
+        config["redraw_unseen"] = stats
+        (staging / "pretrain_config.json").write_text(json.dumps(config, indent=1))
     plot_copy_curve(warm.curve, staging / "recall_curve.png")
     publish(model, tokenizer, staging, out)
     print(f"[memact] wrote {out}: held-out acc {warm.curve[-1]['acc']} after {warm.step:,} steps, "

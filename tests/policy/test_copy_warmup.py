@@ -70,6 +70,7 @@ def test_parse_stages_defaults_scale_and_errors():
     assert st_ == (Stage("mqar", 500, 4, 4, 128, 3e-4), Stage("prune_mqar", 100, 2, 2, 384, 3e-4))
     assert parse_stages("mqar:10", scale=0.001)[0].steps == 1
     assert parse_stages("idlist:7:1:4:128:targets") == (Stage("idlist", 7, 1, 4, 128, loss="targets"),)
+    assert parse_stages("idlist:7") == parse_stages("idlist:7:1:4:128:targets")  # idlist's own defaults
     for bad, msg in [("bogus:10", "not one of"), ("mqar", "format:steps"), ("mqar:x", "integers"),
                      ("mqar:0", "steps must be >= 1"), ("", "names no stage"),
                      ("idlist:7:1:4:128:some", "loss must be one of all, targets, copy")]:
@@ -155,3 +156,62 @@ def test_copy_loss_skips_only_the_fresh_headers(tokenizer):
     x, m, kind = make_batch("idlist_mqar", 1, random.Random(3), tokenizer, 8, 128)
     assert (kind == FRESH).any() and (kind == 1).any() and (kind == 3).any()  # both episode kinds present
     assert ((kind == FRESH) <= (m == 1)).all()  # padding is never marked
+
+
+def test_redraw_rows_gives_distinct_rows_of_the_typical_norm_and_leaves_the_rest(micro_model_dir):
+    from memact.policy.model import load_policy, redraw_rows
+
+    model, _ = load_policy(micro_model_dir)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # collapse 40 rows onto one vector, as the warm-up leaves them
+        emb[10:50] = emb[5] * 3
+    before = emb.detach().clone()
+    stats = redraw_rows(model, list(range(10, 50)) + [10], seed=3)
+    after = emb.detach()
+    assert stats["rows"] == 40 and stats["cos_before"] == pytest.approx(1.0, abs=1e-4)
+    keep = torch.ones(len(before), dtype=torch.bool)
+    keep[10:50] = False
+    assert torch.equal(after[keep], before[keep])
+    norms = after[10:50].norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, before[keep].norm(dim=1).median().item()), rtol=1e-4)
+    unit = torch.nn.functional.normalize(after[10:50], dim=1)
+    assert (unit @ unit.T - torch.eye(40)).abs().max() < 0.9  # no longer one vector
+    if model.config.tie_word_embeddings:
+        assert torch.equal(model.get_output_embeddings().weight[10:50], after[10:50])
+    again, _ = load_policy(micro_model_dir)
+    with torch.no_grad():
+        again.get_input_embeddings().weight[10:50] = again.get_input_embeddings().weight[5] * 3
+    redraw_rows(again, range(10, 50), seed=3)
+    assert torch.equal(again.get_input_embeddings().weight, after)  # seeded
+    assert redraw_rows(again, [])["rows"] == 0
+
+
+def test_copy_recipe_redraws_exactly_the_rows_it_never_fed(micro_model_dir, tmp_path):
+    from memact.policy.cli_pretrain import add_parser
+    from memact.policy.model import load_policy
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    outs = {}
+    for name, extra in (("redrawn", []), ("kept", ["--keep-unseen-rows"])):
+        outs[name] = tmp_path / name
+        args = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(outs[name]),
+                                  "--stages", "mqar:2", "--eval-every", "2", *extra])
+        assert args.func(args) == 0
+    redrawn = load_policy(outs["redrawn"])[0].get_input_embeddings().weight.detach()
+    kept, tokenizer = load_policy(outs["kept"])
+    kept = kept.get_input_embeddings().weight.detach()
+    changed = (redrawn != kept).any(dim=1)
+    # What the two mqar steps fed (same seed, same batches): names, values, EOS.
+    model, _ = load_policy(micro_model_dir)
+    warm = CopyWarmup(model, tokenizer, (Stage("mqar", 2),), seed=0, log=lambda s: None)
+    warm.run()
+    fed = warm.seen
+    assert fed.sum() > 0 and torch.equal(changed, ~fed)
+    stats = json.loads((outs["redrawn"] / "pretrain_config.json").read_text())["redraw_unseen"]
+    assert stats["rows"] == int((~fed).sum())
+    assert json.loads((outs["kept"] / "pretrain_config.json").read_text())["redraw_unseen"] is False
+    facts = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(tmp_path / "f"),
+                               "--recipe", "facts", "--keep-unseen-rows"])
+    with pytest.raises(SystemExit, match="copy recipe"):
+        facts.func(facts)
