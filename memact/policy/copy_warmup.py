@@ -292,8 +292,8 @@ class Stage:
 
 # The chain measured end to end on this CPU (docs/pretrain.md, "Third round" and "Fifth
 # round"), about 40 min on one core. With the unseen rows redrawn at the end, a no-memory SFT
-# from it answers 48 of 64 K=2 sub-questions (reward 0.750); a memory SFT from it copies
-# names, values and attributes (0.94-0.98 teacher-forced) but no record id. An `idlist` stage
+# from it solves K=2 (3 epochs: reward 0.995 on 100 tasks); continued on memory trajectories
+# it copies record ids too after about five epochs (0.931; K=2 reward 0.923). An `idlist` stage
 # after it (the previous default) teaches the id copy, and every SFT from such a start has
 # then copied either ids or values, never both (docs/pretrain.md, "Fifth round").
 DEFAULT_STAGES = (
