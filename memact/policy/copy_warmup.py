@@ -312,7 +312,6 @@ def parse_stages(text: str, scale: float = 1.0, lr: float | None = None) -> tupl
     ``STAGE_DEFAULTS`` (else from :class:`Stage`'s defaults). ``scale`` multiplies
     every stage's steps (at least 1 step each); ``lr`` replaces every stage's learning rate.
     """
-    defaults = STAGE_DEFAULTS
     stages = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
@@ -323,7 +322,7 @@ def parse_stages(text: str, scale: float = 1.0, lr: float | None = None) -> tupl
         fmt = parts[0]
         if fmt not in FORMATS:
             raise ValueError(f"stage {item!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
-        base = defaults.get(fmt, Stage(fmt, 1))
+        base = STAGE_DEFAULTS.get(fmt, Stage(fmt, 1))
         try:
             nums = [int(p) for p in parts[1:5]]
         except ValueError:

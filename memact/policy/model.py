@@ -128,14 +128,14 @@ def redraw_rows(model, rows, seed: int = 0) -> dict[str, float]:
     not redrawn; the shared part is dropped. With tied embeddings the output rows change too.
 
     Returns ``rows`` (how many), ``cos_before`` (their mean pairwise cosine before) and
-    ``norm`` (the norm given to each).
+    ``norm`` (the norm given to each); both None when ``rows`` is empty.
     """
     import torch
 
     emb = model.get_input_embeddings().weight
     index = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
     if index.numel() == 0:
-        return {"rows": 0, "cos_before": float("nan"), "norm": float("nan")}
+        return {"rows": 0, "cos_before": None, "norm": None}  # None, not NaN: pretrain_config.json stays JSON
     keep = torch.ones(emb.shape[0], dtype=torch.bool)
     keep[index] = False
     with torch.no_grad():

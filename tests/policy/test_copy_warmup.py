@@ -183,7 +183,7 @@ def test_redraw_rows_gives_distinct_rows_of_the_typical_norm_and_leaves_the_rest
         again.get_input_embeddings().weight[10:50] = again.get_input_embeddings().weight[5] * 3
     redraw_rows(again, range(10, 50), seed=3)
     assert torch.equal(again.get_input_embeddings().weight, after)  # seeded
-    assert redraw_rows(again, [])["rows"] == 0
+    assert redraw_rows(again, []) == {"rows": 0, "cos_before": None, "norm": None}
 
 
 def test_copy_recipe_redraws_exactly_the_rows_it_never_fed(micro_model_dir, tmp_path):
