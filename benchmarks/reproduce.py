@@ -1,52 +1,114 @@
 """The paper's table at laptop scale: warm-up -> SFT with and without memory -> DCPO -> evaluation.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reproduce.py --out runs/reproduce --preset full
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reproduce.py --out runs/reproduce --preset full --jobs 2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reproduce.py --out /tmp/repro --preset smoke   # minutes
+    # an interrupted run goes on where it stopped:
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reproduce.py --out runs/reproduce --preset full --resume
 
-Stages (each one the library call a user would make):
-1. ``memact new-model``: the tiny policy and a larger no-memory model ("the much larger model").
-2. ``memact pretrain`` (the copy recipe): the in-context copy warm-up of both (docs/pretrain.md).
-3. Scripted trajectories from one objective upward: with memory actions, and without.
-4. ``memact sft``: MemAct-SFT (tiny, with memory), NoMemory-SFT (tiny, no memory tool: the
-   paper's Search-R1 stand-in) and NoMemory-SFT-large.
+Stages (each one the library call a user would make), in the order of the chain that was measured
+to work on this CPU (docs/pretrain.md):
+1. ``memact new-model``: the tiny policy and a larger no-memory model ("the much larger model"),
+   both without type directions (``--type-groups none``).
+2. ``memact pretrain``: the default copy warm-up with the redraw of never-fed rows, for both.
+3. Scripted trajectories: no-memory K=2, with memory K=2, and the K curricula (no memory K=1..3,
+   since without memory K >= 4 overflows the context budget; with memory K=1..6).
+4. ``memact sft`` phases: NoMemory-SFT = warm-up -> no-memory K=2 -> no-memory K=1..3 (the paper's
+   Search-R1 stand-in); MemAct-SFT = the no-memory K=2 policy -> memory K=2 (about five epochs:
+   record ids are copied only after the fourth) -> memory K=1..6; NoMemory-SFT-large likewise.
 5. ``memact train``: DCPO from MemAct-SFT with a K curriculum -> MemAct-RL.
-6. ``memact eval`` of all of them plus the heuristic strategies at K = 2, 4, 6, 8, a table in the
-   paper's form, the targets of issue 8 checked and written down met or not, and the curves.
+6. ``memact eval`` of all of them plus the heuristic strategies at K = 2, 4, 6, 8 (one stage per
+   system, ``--jobs`` of them at a time), a table in the paper's form, issue 8's targets checked and
+   written down met or not, and the training curves.
 
-The ``full`` preset takes hours on a 2-core CPU; ``smoke`` checks the pipeline in minutes.
+Every finished stage is written to ``stages.json`` in ``--out``; ``--resume`` skips those.
+``--reuse STAGE=PATH`` takes a stage's output from an earlier run instead of making it (the
+report lists what was reused), e.g. ``--reuse sft_mem=runs/old/sft_mem``. ``--skip-large`` leaves the
+large no-memory model out (its warm-up and SFT are most of the ``full`` preset's time).
+
+The ``full`` preset takes many hours on a 2-core CPU; ``smoke`` checks the pipeline in minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+EVAL_K = (2, 4, 6, 8)
+MEM_SFT = "sft_mem"
+NOMEM_SFT = "sft_nomem"
+LARGE_SFT = "sft_large_nomem"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One ``memact sft`` run: ``init`` (a stage name) trained on ``data`` (a data-set name)."""
+
+    name: str
+    init: str
+    data: str
+    epochs: int
+    lr: float
+    max_minutes: float = 0.0  # 0: no time box
 
 
 @dataclass(frozen=True)
 class Preset:
-    warm_scale: float  # multiplies the steps of every stage of the copy warm-up (1.0: the measured recipe)
-    sft_tasks: dict[int, int] = field(default_factory=dict)
-    sft_epochs: int = 4
-    dcpo_steps: int = 40
-    dcpo_curriculum: tuple[int, ...] = (1, 2, 4)
-    dcpo_prompts: int = 8
+    warm_scale: float  # multiplies the steps of every stage of the copy warm-up (1.0: the default recipe)
+    data: dict[str, tuple[str, dict[int, int]]]  # name -> (scripted policy, {K: tasks})
+    phases: tuple[Phase, ...]
+    dcpo_steps: int = 60
+    dcpo_curriculum: tuple[int, ...] = (2, 4, 6)
+    dcpo_prompts: int = 4
     dcpo_n_traj: int = 8
+    dcpo_overrides: tuple[str, ...] = ()
     eval_n: int = 32
     large_preset: str = "small"
 
 
-PRESETS = {
-    "full": Preset(warm_scale=1.0, sft_tasks={1: 600, 2: 1200, 3: 600, 4: 600}, sft_epochs=1,
-                   dcpo_steps=60, eval_n=32),
-    "smoke": Preset(warm_scale=0.0005, sft_tasks={1: 4, 2: 4}, sft_epochs=1, dcpo_steps=2,
-                    dcpo_curriculum=(1, 2), dcpo_prompts=2, dcpo_n_traj=2, eval_n=2),
+def _chain(model: str, warm: str, epochs: tuple[int, int, int, int], scale: float = 1.0) -> tuple[Phase, ...]:
+    """The phases of one model: no-memory K=2 then the no-memory curriculum; for the tiny model also
+    the memory chain, which starts from the no-memory K=2 policy."""
+    nk2, ncur, mk2, mcur = epochs
+    large = model == "large"
+    prefix = "sft_large" if large else "sft"
+    phases = [Phase(f"{prefix}_nomem_k2", warm, "nomem_k2", nk2, 1e-3),
+              Phase(LARGE_SFT if large else NOMEM_SFT, f"{prefix}_nomem_k2", "nomem_cur", ncur, 5e-4)]
+    if not large:
+        # Measured as three runs of 1, 2 and 2 epochs (the last time-boxed at 27 min, ~1.9 epochs).
+        phases += [Phase("sft_mem_k2_a", "sft_nomem_k2", "mem_k2", 1, 1e-3),
+                   Phase("sft_mem_k2_b", "sft_mem_k2_a", "mem_k2", mk2, 1e-3),
+                   Phase("sft_mem_k2_c", "sft_mem_k2_b", "mem_k2", mk2, 1e-3, max_minutes=27 * scale),
+                   Phase(MEM_SFT, "sft_mem_k2_c", "mem_cur", mcur, 5e-4)]
+    return tuple(phases)
+
+
+FULL_DATA = {
+    "nomem_k2": ("scripted-nomem", {2: 1800}),
+    "nomem_cur": ("scripted-nomem", {1: 400, 2: 400, 3: 400}),
+    "mem_k2": ("scripted", {2: 1800}),
+    "mem_cur": ("scripted", {1: 360, 2: 360, 3: 360, 4: 360, 6: 360}),
 }
-EVAL_K = (2, 4, 6, 8)
+PRESETS = {
+    "full": Preset(warm_scale=1.0, data=FULL_DATA,
+                   phases=_chain("tiny", "warm_small", (3, 2, 2, 2)) + _chain("large", "warm_large", (3, 2, 2, 2)),
+                   dcpo_overrides=("rollout.max_steps=24", "rollout.temperature=0.7")),
+    "smoke": Preset(warm_scale=0.0005,
+                    data={"nomem_k2": ("scripted-nomem", {2: 4}), "nomem_cur": ("scripted-nomem", {1: 2, 2: 2}),
+                          "mem_k2": ("scripted", {2: 4}), "mem_cur": ("scripted", {1: 2, 4: 2})},
+                    phases=_chain("tiny", "warm_small", (1, 1, 1, 1), scale=0.1)
+                    + _chain("large", "warm_large", (1, 1, 1, 1), scale=0.1),
+                    dcpo_steps=2, dcpo_curriculum=(1, 2), dcpo_prompts=2, dcpo_n_traj=2, eval_n=2,
+                    large_preset="tiny"),
+}
 
 
 def check_targets(summary: list[dict]) -> list[tuple[str, bool, str]]:
@@ -75,75 +137,243 @@ def check_targets(summary: list[dict]) -> list[tuple[str, bool, str]]:
     ]
 
 
+class Ledger:
+    """``stages.json``: every finished stage with its output path and seconds (None when reused)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.stages: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, stage: str) -> Path | None:
+        row = self.stages.get(stage)
+        return Path(row["path"]) if row and Path(row["path"]).exists() else None
+
+    def record(self, stage: str, path: Path, seconds: float | None, reused: bool = False) -> None:
+        self.stages[stage] = {"path": str(path), "seconds": seconds, "reused": reused}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stages, indent=1))
+        os.replace(tmp, self.path)
+
+    def run(self, stage: str, fn: Callable[..., Path], *args) -> Path:
+        """``fn(*args)`` -> the stage's output path, recorded with its seconds."""
+        t0 = time.time()
+        print(f"[reproduce] {stage} ...", file=sys.stderr, flush=True)
+        path = Path(fn(*args))
+        self.record(stage, path, time.time() - t0)
+        print(f"[reproduce] {stage}: {time.time() - t0:.0f}s -> {path}", file=sys.stderr)
+        return path
+
+
+def parse_reuse(items: list[str], known: set[str]) -> dict[str, Path]:
+    """``STAGE=PATH`` pairs; the stage must be one this preset makes and the path must exist."""
+    reuse = {}
+    for item in items:
+        stage, sep, path = item.partition("=")
+        if not sep or not stage or not path:
+            raise SystemExit(f"reproduce: --reuse wants STAGE=PATH, got {item!r}")
+        if stage not in known:
+            raise SystemExit(f"reproduce: --reuse {stage!r}: not a stage of this preset; stages: {', '.join(sorted(known))}")
+        if not Path(path).exists():
+            raise SystemExit(f"reproduce: --reuse {stage}={path}: no such file or directory")
+        reuse[stage] = Path(path).resolve()
+    return reuse
+
+
+def build_plan(p: Preset, seed: int, large: bool) -> dict[str, tuple[tuple[str, ...], Callable[[Path, dict], Path]]]:
+    """Every stage but the evaluations: its name -> (the stages it builds on, how to make it from
+    ``(out, {dependency: path})``)."""
+    from memact.demo import _dcpo, _sft
+    from memact.policy.copy_warmup import DEFAULT_STAGES, copy_warmup, parse_stages, stages_text
+
+    warm_stages = parse_stages(stages_text(DEFAULT_STAGES), scale=p.warm_scale)
+    plan: dict[str, tuple[tuple[str, ...], Callable[[Path, dict], Path]]] = {}
+    for size, preset in (("small", "tiny"), ("large", p.large_preset))[: 2 if large else 1]:
+        plan[f"init_{size}"] = ((), lambda out, _, size=size, preset=preset: _new_model(out / f"init_{size}", preset, seed))
+        plan[f"warm_{size}"] = ((f"init_{size}",), lambda out, d, size=size: copy_warmup(
+            d[f"init_{size}"], out / f"warm_{size}", warm_stages, seed=seed))
+    for name, (policy, tasks) in p.data.items():
+        plan[f"data_{name}"] = ((), lambda out, _, name=name, policy=policy, tasks=tasks: _data(
+            out / "data" / f"{name}.jsonl", policy, tasks, seed))
+    for ph in p.phases:
+        if not large and ph.name.startswith("sft_large"):
+            continue
+        # What the SFT from a copy warm start was measured with (docs/pretrain.md).
+        over = (f"optim.lr={ph.lr}", "optim.schedule=cosine", "optim.warmup_steps=50", "sft.segments_per_step=2",
+                *([f"sft.max_minutes={ph.max_minutes}"] if ph.max_minutes else []))
+        plan[ph.name] = ((ph.init, f"data_{ph.data}"), lambda out, d, ph=ph, over=over: _sft(
+            d[ph.init], d[f"data_{ph.data}"], out / ph.name, ph.epochs, seed, over))
+    plan["dcpo"] = ((MEM_SFT,), lambda out, d: _dcpo(
+        d[MEM_SFT], out / "dcpo", p.dcpo_steps, p.dcpo_curriculum[0], seed, p.dcpo_prompts, p.dcpo_n_traj,
+        curriculum=p.dcpo_curriculum, overrides=p.dcpo_overrides + _dcpo_resume(out / "dcpo")))
+    return plan
+
+
+def _dcpo_resume(run_dir: Path) -> tuple[str, ...]:
+    """Checkpoint every 10 steps; an interrupted run goes on from its last checkpoint."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    return ("run.save_every=10", *([f"run.resume={ckpts[-1]}"] if ckpts else []))
+
+
+def _seconds(row: dict) -> str:
+    return "reused" if row["reused"] else f"{row['seconds']:.0f}"
+
+
+def systems(large: bool) -> list[tuple[str, str, str]]:
+    """(stage holding the policy, or a scripted policy, strategy, display name) of every evaluated system.
+
+    The two scripted policies bound what any model can do under the same context budget:
+    ``scripted`` with memory actions, ``scripted-nomem`` without (no model of any size, the
+    "much larger model" included, does better without memory than the script that never errs)."""
+    rows = [("dcpo", "memact", "MemAct-RL"), (MEM_SFT, "memact", "MemAct-SFT"), (NOMEM_SFT, "full", "NoMemory-SFT"),
+            (NOMEM_SFT, "sliding_window", "NoMemory-SFT"), (NOMEM_SFT, "summarize", "NoMemory-SFT")]
+    rows += [(LARGE_SFT, "full", "NoMemory-SFT-large")] if large else []
+    return rows + [("scripted", "memact", "Scripted-MemAct"), ("scripted-nomem", "full", "Scripted-NoMemory")]
+
+
+SCRIPTED = ("scripted", "scripted-nomem")
+
+
+def _new_model(path: Path, preset: str, seed: int) -> Path:
+    from memact.policy.model import new_model
+
+    return new_model(path, preset=preset, seed=seed, type_groups=())
+
+
+def _data(path: Path, policy: str, plan: dict[int, int], seed: int) -> Path:
+    from memact.demo import _rollouts
+
+    _rollouts(policy, plan, seed, path)
+    return path
+
+
+def _eval_one(policy: str, strategy: str, name: str, out: str, n: int, seed: int) -> tuple[str, float]:
+    """One system at every K (a worker process: one torch thread) -> (its directory, seconds)."""
+    os.environ.setdefault("MEMACT_THREADS", "1")
+    from memact.cli import _quiet_hf_progress_bars, _set_threads
+    from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
+    from memact.eval.evaluate import EvalSpec, System, evaluate
+
+    _set_threads()
+    _quiet_hf_progress_bars()
+    spec = EvalSpec([System(policy, strategy, name)], list(EVAL_K), n=n, seed=seed,
+                    budget=Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS))
+    t0 = time.time()
+    evaluate(spec, out, progress=False, log=lambda s: print(f"[reproduce] {s}", file=sys.stderr, flush=True))
+    return out, time.time() - t0
+
+
+def _plot_curves(ledger: Ledger, phases: tuple[Phase, ...], out: Path) -> str | None:
+    """SFT loss of every phase (one after another) and the DCPO reward, from their metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(stage: str, key: str) -> list[float]:
+        path = ledger.done(stage)
+        if path is None:
+            return []
+        metrics = next((m for m in (path / "metrics.jsonl", path.parent.parent / "metrics.jsonl") if m.exists()), None)
+        return [r[key] for r in map(json.loads, metrics.read_text().splitlines()) if key in r] if metrics else []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ph in phases:
+        ys = curve(ph.name, "loss")
+        if ys:
+            axes[0].plot(range(1, len(ys) + 1), ys, label=ph.name, linewidth=0.8)
+    rewards = curve("dcpo", "reward_mean")
+    if rewards:
+        axes[1].plot(range(1, len(rewards) + 1), rewards, marker=".", label="DCPO reward mean")
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("SFT loss per phase", "DCPO")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=110)
+    plt.close(fig)
+    return "training_curves.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="go on with the run in --out, skipping finished stages")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    parser.add_argument("--reuse", action="append", default=[], metavar="STAGE=PATH",
+                        help="take a stage's output from PATH instead of making it (repeatable)")
+    parser.add_argument("--skip-large", action="store_true", help="leave out the large no-memory model")
+    parser.add_argument("--jobs", type=int, default=1, help="evaluation stages run at a time (one core each)")
+    parser.add_argument("--eval-n", type=int, default=None, help="tasks per system and K (default: the preset's)")
     args = parser.parse_args(argv)
+    if args.resume and args.fresh:
+        parser.error("--resume and --fresh exclude each other")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
 
     from memact.cli import _quiet_hf_progress_bars, _set_threads
-    from memact.demo import _dcpo, _plot_training, _rollouts, _sft
-    from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
-    from memact.eval.evaluate import EvalSpec, System, evaluate
     from memact.eval.report import write_report
-    from memact.policy.copy_warmup import DEFAULT_STAGES, copy_warmup, parse_stages, stages_text
-    from memact.policy.model import new_model
 
+    p = PRESETS[args.preset]
+    large = not args.skip_large
+    plan = build_plan(p, args.seed, large)
+    reuse = parse_reuse(args.reuse, set(plan) | {f"eval_{name}_{strategy}" for _, strategy, name in systems(large)})
+    out = Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if args.fresh:
+            shutil.rmtree(out)
+        elif not args.resume:
+            raise SystemExit(f"reproduce: {out} is not empty; pass --resume to go on with it or --fresh to replace it")
+    out.mkdir(parents=True, exist_ok=True)
     _set_threads()
     _quiet_hf_progress_bars()
-    p = PRESETS[args.preset]
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    t0, stages = time.time(), []
+    ledger = Ledger(out)
+    for stage, path in reuse.items():
+        ledger.record(stage, path, None, reused=True)
+    t0 = time.time()
 
-    def mark(stage: str) -> None:
-        stages.append((stage, time.time() - t0 - sum(s for _, s in stages)))
-        print(f"[reproduce] {stage}: {stages[-1][1]:.0f}s", file=sys.stderr)
+    def ensure(stage: str) -> Path:
+        """The stage's output: made (after what it builds on) unless done already."""
+        if (path := ledger.done(stage)) is not None:
+            return path
+        deps, make = plan[stage]
+        inputs = {d: ensure(d) for d in deps}
+        return ledger.run(stage, make, out, inputs)
 
-    small = new_model(out / "init_small", preset="tiny", seed=args.seed)
-    large = new_model(out / "init_large", preset=p.large_preset, seed=args.seed)
-    mark("models")
-    warm_stages = parse_stages(stages_text(DEFAULT_STAGES), scale=p.warm_scale)
-    small = copy_warmup(small, out / "warm_small", warm_stages, seed=args.seed)
-    large = copy_warmup(large, out / "warm_large", warm_stages, seed=args.seed)
-    mark("recall warm-up")
-    nomem_plan = {k: n for k, n in p.sft_tasks.items() if k <= 3}  # without memory, K >= 4 overflows
-    _rollouts("scripted", p.sft_tasks, args.seed, out / "data" / "scripted.jsonl")
-    _rollouts("scripted-nomem", nomem_plan, args.seed, out / "data" / "nomem.jsonl")
-    mark("scripted trajectories")
-    # What the SFT from a copy warm start was measured with (docs/pretrain.md, "Third round").
-    warm_sft = ("optim.lr=1e-3", "optim.schedule=cosine", "optim.warmup_steps=50", "sft.segments_per_step=2")
-    sft_mem = _sft(small, out / "data" / "scripted.jsonl", out / "sft_mem", p.sft_epochs, args.seed, warm_sft)
-    sft_nomem = _sft(small, out / "data" / "nomem.jsonl", out / "sft_nomem", p.sft_epochs, args.seed, warm_sft)
-    sft_large = _sft(large, out / "data" / "nomem.jsonl", out / "sft_nomem_large", p.sft_epochs, args.seed, warm_sft)
-    mark("SFT")
-    rl = _dcpo(sft_mem, out / "dcpo", p.dcpo_steps, p.dcpo_curriculum[0], args.seed, p.dcpo_prompts, p.dcpo_n_traj,
-               curriculum=p.dcpo_curriculum)
-    mark("DCPO")
-    systems = [
-        System(str(rl), "memact", "MemAct-RL"), System(str(sft_mem), "memact", "MemAct-SFT"),
-        System(str(sft_nomem), "full", "NoMemory-SFT"), System(str(sft_large), "full", "NoMemory-SFT-large"),
-        System(str(sft_nomem), "sliding_window", "NoMemory-SFT"), System(str(sft_nomem), "summarize", "NoMemory-SFT"),
-    ]
-    spec = EvalSpec(systems, list(EVAL_K), n=p.eval_n, seed=20_000 + args.seed,
-                    budget=Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS))
-    summary = evaluate(spec, out / "eval", progress=False, log=lambda s: print(f"[reproduce] {s}", file=sys.stderr))
-    mark("evaluation")
+    n = args.eval_n or p.eval_n
+    todo = [(f"eval_{name}_{strategy}", stage if stage in SCRIPTED else str(ensure(stage)), strategy, name)
+            for stage, strategy, name in systems(large)]
+    todo = [t for t in todo if ledger.done(t[0]) is None]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_eval_one, policy, strategy, name, str(out / "eval" / stage[len("eval_"):]), n,
+                               20_000 + args.seed): stage for stage, policy, strategy, name in todo}
+        for fut, stage in futures.items():
+            path, seconds = fut.result()
+            ledger.record(stage, Path(path), seconds)
+    summary = [row for _, strategy, name in systems(large)
+               for row in json.loads((ledger.done(f"eval_{name}_{strategy}") / "summary.json").read_text())]
+
     targets = check_targets(summary)
-    curves = _plot_training(out)
-    wall = time.time() - t0
-    lines = [f"`benchmarks/reproduce.py --preset {args.preset}`: wall time {wall / 3600:.2f} h on this machine.", "",
+    curve = _plot_curves(ledger, p.phases, out)
+    ran = {s: r for s, r in ledger.stages.items() if not r["reused"]}
+    hours = sum(r["seconds"] or 0 for r in ran.values()) / 3600
+    lines = [f"`benchmarks/reproduce.py --preset {args.preset}`: {hours:.2f} h of stage time on this machine "
+             f"(summed over the stages this directory ran; evaluation stages overlap with `--jobs` > 1).", "",
              "| target | met | measured |", "|---|---|---|",
              *[f"| {t} | {'yes' if ok else 'no'} | {m} |" for t, ok, m in targets], "",
-             "| stage | seconds |", "|---|---|", *[f"| {s} | {sec:.0f} |" for s, sec in stages], "",
-             "Recall warm-up curves: warm_small/recall_curve.png, warm_large/recall_curve.png.", "",
-             *[f"![training curves]({c})" for c in curves]]
+             "| stage | seconds | output |", "|---|---|---|",
+             *[f"| {s} | {_seconds(r)} | `{r['path']}` |" for s, r in ledger.stages.items()], "",
+             *([] if large else ["The large no-memory model was left out (`--skip-large`).", ""]),
+             "Recall warm-up curves: `recall_curve.png` in each warm-up directory.", "",
+             *([f"![training curves]({curve})"] if curve else [])]
     report = write_report(summary, out, title="memact reproduction", preamble="\n".join(lines))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "targets.json").write_text(json.dumps([{"target": t, "met": ok, "measured": m} for t, ok, m in targets]))
-    print(f"[reproduce] wrote {report} ({wall / 60:.1f} min)", file=sys.stderr)
+    print(f"[reproduce] wrote {report} ({(time.time() - t0) / 60:.1f} min this invocation)", file=sys.stderr)
     return 0
 
 

@@ -92,7 +92,7 @@ def _sft(base: Path, data: Path, out: Path, epochs: int, seed: int, overrides: t
 
 
 def _dcpo(init: Path, out: Path, steps: int, objectives: int, seed: int, prompts: int, n_traj: int,
-          curriculum: tuple[int, ...] = ()) -> Path:
+          curriculum: tuple[int, ...] = (), overrides: tuple[str, ...] = ()) -> Path:
     from memact.dcpo.config import configs_dir, load_config
     from memact.dcpo.trainer import train
 
@@ -100,7 +100,7 @@ def _dcpo(init: Path, out: Path, steps: int, objectives: int, seed: int, prompts
         f"model.path={init}", f"run.out_dir={out}", f"run.steps={steps}", f"rollout.objectives={objectives}",
         f"run.seed={seed}", f"rollout.prompts_per_step={prompts}", f"rollout.n_traj={n_traj}",
         "logging.progress=false",
-        *([f"rollout.curriculum=[{','.join(map(str, curriculum))}]"] if curriculum else []),
+        *([f"rollout.curriculum=[{','.join(map(str, curriculum))}]"] if curriculum else []), *overrides,
     ])
     run_dir = train(cfg)
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))

@@ -1,0 +1,64 @@
+"""benchmarks/behaviour.py: the behaviour read from trajectories, on scripted ones and tampered ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def behaviour():
+    spec = importlib.util.spec_from_file_location("behaviour", ROOT / "benchmarks" / "behaviour.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["behaviour"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def scripted_k3():
+    from memact.policy.rollout import rollout, trajectory_json
+
+    return [json.loads(json.dumps(trajectory_json(t))) for t in rollout("scripted", 3, 3, seed=4, progress=False)]
+
+
+def test_scripted_episodes_have_no_failures_and_notes_hold_every_answer(behaviour, scripted_k3, tokenizer):
+    for traj in scripted_k3:
+        r = behaviour.analyse(traj, tokenizer)
+        assert r["reward"] == 1.0 and r["correct"] == 3 and r["labels"] == []
+        assert r["prunes"] >= 1 and all(n >= 1 for n in r["ids"])
+        assert r["note_found"] >= 2 and r["note_held"] == r["note_found"]  # the script answers after its last search
+
+
+def test_tampered_turns_get_their_labels_in_order(behaviour, scripted_k3, tokenizer):
+    from memact.policy.chat import call_text
+
+    traj = json.loads(json.dumps(scripted_k3[0]))
+    task = behaviour.task_of(traj["task_id"])
+    q1 = task.questions[0]
+    prunes = [i for i, c in enumerate(traj["calls"]) if "prune_context" in tokenizer.decode(c["output_ids"])]
+    first = traj["calls"][0]
+    first["output_ids"] = tokenizer.encode(call_text("search", {"query": f"{q1.attribute} of Nobody", "topk": 4}))
+    traj["calls"][prunes[0]]["output_ids"] = tokenizer.encode(
+        call_text("prune_context", {"memory": "Q1: notthevalue", "delete_ids": ["zzzzzzzz"]}))
+    traj["reward"] = 0.0
+    r = behaviour.analyse(traj, tokenizer)
+    assert r["labels"][:3] == ["wrong query", "bad prune", "wrong note"]
+    assert "never searched" in r["labels"]  # the tampered first search was Q1's only one
+    text = behaviour.report([(traj, r)], tokenizer, examples=1)
+    assert "| 3 | 1 | 0.000 |" in text and "**wrong query**" in text
+
+
+def test_non_synthetic_tasks_and_eval_rows_are_refused(behaviour, tmp_path, scripted_k3):
+    with pytest.raises(SystemExit, match="synthetic"):
+        behaviour.task_of("hotpot-123")
+    episodes = tmp_path / "episodes.jsonl"
+    episodes.write_text(json.dumps({k: v for k, v in scripted_k3[0].items() if k != "calls"}) + "\n")
+    with pytest.raises(SystemExit, match="calls"):
+        behaviour.main(["--tokenizer", str(ROOT / "nonexistent"), str(episodes)])
