@@ -9,7 +9,7 @@ per prune, the context it keeps), what its notes hold (words, and the share of t
 so far that the last note states), and why episodes fail. Each failed episode gets every label
 that applies, in the order the agent hit them:
 
-- ``wrong query``: a search for an (attribute, entity) pair that no question asks;
+- ``wrong query``: a search for an (attribute, entity) pair that no question asks, or a repeat;
 - ``never searched``: a question the agent never searched for;
 - ``bad prune``: a ``prune_context`` call the environment rejected, or any malformed turn;
 - ``wrong note``: a note that states a wrong value for a question;
@@ -60,13 +60,29 @@ def note_values(note: str) -> dict[str, str]:
     return {k: v.strip() for k, v in re.findall(r"(Q\d+):\s*([^;]+)", note)}
 
 
+def query_error(query: str, task, searched: set[str]) -> str:
+    """What is wrong with a wrong query, against the first question not searched yet."""
+    if query in {f"{q.attribute} of {q.entity}" for q in task.questions}:
+        return "repeat"
+    todo = [q for q in task.questions if q.key not in searched]
+    if not todo:
+        return "extra"
+    want = todo[0]
+    attr, _, entity = query.partition(" of ")
+    if entity == want.entity:
+        return "attribute"
+    if attr == want.attribute:
+        return "entity"
+    return "both"
+
+
 def analyse(traj: dict, tokenizer) -> dict:
     task = task_of(traj["task_id"])
     gold = {q.key: q.answer for q in task.questions}
     asked = {f"{q.attribute} of {q.entity}" for q in task.questions}
     by_query = {f"{q.attribute} of {q.entity}": q.key for q in task.questions}
     m = traj["metrics"]
-    searched, notes, ids_per_prune, labels = set(), [], [], []
+    searched, notes, ids_per_prune, labels, queries = set(), [], [], [], []
 
     def label(kind: str) -> None:
         if kind not in labels:
@@ -79,10 +95,11 @@ def analyse(traj: dict, tokenizer) -> dict:
             continue
         if call["name"] == "search":
             query = str(call.get("query", ""))
-            if query in asked:
+            if query in asked and by_query[query] not in searched:
                 searched.add(by_query[query])
             else:
-                label("wrong query")
+                label("wrong query")  # no question asks it, or it repeats an earlier search
+                queries.append(query_error(query, task, searched))
         elif call["name"] == "prune_context":
             ids = [str(i) for i in call.get("delete_ids") or []]
             ids_per_prune.append(len(ids))
@@ -111,7 +128,7 @@ def analyse(traj: dict, tokenizer) -> dict:
             "prunes": m.get("memory_actions", 0), "invalid": m.get("invalid_actions", 0), "ids": ids_per_prune,
             "note_words": [len(n.split()) for n, _ in notes], "note_held": held, "note_found": len(found),
             "peak": m["peak_context_tokens"], "mean_ctx": m["mean_context_tokens"],
-            "labels": labels if traj["reward"] < 1.0 else []}
+            "labels": labels if traj["reward"] < 1.0 else [], "query_errors": queries}
 
 
 def report(rows: list[tuple[dict, dict]], tokenizer, examples: int) -> str:
@@ -135,6 +152,12 @@ def report(rows: list[tuple[dict, dict]], tokenizer, examples: int) -> str:
             f"{mean([r['invalid'] for r in rs]):.2f} | {mean(ids):.2f} | {mean(words):.1f} | "
             f"{held}/{found} | {mean([r['mean_ctx'] for r in rs]):.0f} / {mean([r['peak'] for r in rs]):.0f} | "
             f"{len(failed)} | " + " | ".join(str(counts[f]) for f in FAILURES) + " |")
+    errors = Counter(e for _, r in rows for e in r["query_errors"])
+    if errors:
+        lines += ["", "Wrong queries, against the first question not searched yet: "
+                  + ", ".join(f"{kind} {n}" for kind, n in errors.most_common())
+                  + " (attribute: right entity, wrong attribute; entity: the other way round; repeat: an "
+                  "earlier search again)."]
     if examples:
         shown: Counter = Counter()
         for traj, r in rows:

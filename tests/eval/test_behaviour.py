@@ -51,6 +51,7 @@ def test_tampered_turns_get_their_labels_in_order(behaviour, scripted_k3, tokeni
     r = behaviour.analyse(traj, tokenizer)
     assert r["labels"][:3] == ["wrong query", "bad prune", "wrong note"]
     assert "never searched" in r["labels"]  # the tampered first search was Q1's only one
+    assert r["query_errors"] == ["entity"]  # Q1's attribute, another entity
     text = behaviour.report([(traj, r)], tokenizer, examples=1)
     assert "| 3 | 1 | 0.000 |" in text and "**wrong query**" in text
 
