@@ -234,6 +234,11 @@ def systems(large: bool) -> list[tuple[str, str, str]]:
 SCRIPTED = ("scripted", "scripted-nomem")
 
 
+def eval_stage(name: str, strategy: str) -> str:
+    """The stage that evaluates system ``name`` under ``strategy`` (its directory: ``eval/NAME_STRATEGY``)."""
+    return f"eval_{name}_{strategy}"
+
+
 def _new_model(path: Path, preset: str, seed: int) -> Path:
     from memact.policy.model import new_model
 
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p = PRESETS[args.preset]
     large = not args.skip_large
     plan = build_plan(p, args.seed, large)
-    reuse = parse_reuse(args.reuse, set(plan) | {f"eval_{name}_{strategy}" for _, strategy, name in systems(large)})
+    reuse = parse_reuse(args.reuse, set(plan) | {eval_stage(name, strategy) for _, strategy, name in systems(large)})
     out = Path(args.out).resolve()
     if out.exists() and any(out.iterdir()):
         if args.fresh:
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return ledger.run(stage, make, out, inputs)
 
     n = args.eval_n or p.eval_n
-    todo = [(f"eval_{name}_{strategy}", stage if stage in SCRIPTED else str(ensure(stage)), strategy, name)
+    todo = [(eval_stage(name, strategy), stage if stage in SCRIPTED else str(ensure(stage)), strategy, name)
             for stage, strategy, name in systems(large)]
     todo = [t for t in todo if ledger.done(t[0]) is None]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             path, seconds = fut.result()
             ledger.record(stage, Path(path), seconds)
     summary = [row for _, strategy, name in systems(large)
-               for row in json.loads((ledger.done(f"eval_{name}_{strategy}") / "summary.json").read_text())]
+               for row in json.loads((ledger.done(eval_stage(name, strategy)) / "summary.json").read_text())]
 
     targets = check_targets(summary)
     curve = _plot_curves(ledger, p.phases, out)

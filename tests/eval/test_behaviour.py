@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def behaviour():
-    spec = importlib.util.spec_from_file_location("behaviour", ROOT / "benchmarks" / "behaviour.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["behaviour"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -62,4 +48,4 @@ def test_non_synthetic_tasks_and_eval_rows_are_refused(behaviour, tmp_path, scri
     episodes = tmp_path / "episodes.jsonl"
     episodes.write_text(json.dumps({k: v for k, v in scripted_k3[0].items() if k != "calls"}) + "\n")
     with pytest.raises(SystemExit, match="calls"):
-        behaviour.main(["--tokenizer", str(ROOT / "nonexistent"), str(episodes)])
+        behaviour.main(["--tokenizer", str(tmp_path / "nonexistent"), str(episodes)])

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def repro():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("preset", ["full", "smoke"])
@@ -106,7 +92,7 @@ def test_main_refuses_a_used_out_and_reports_from_reused_stages(repro, tmp_path)
         d = tmp_path / "eval" / f"{name}_{strategy}"
         d.mkdir(parents=True)
         d.joinpath("summary.json").write_text(json.dumps([_row(name, strategy, k, 0.5, 1000) for k in repro.EVAL_K]))
-        reuse.append(f"eval_{name}_{strategy}={d}")
+        reuse.append(f"{repro.eval_stage(name, strategy)}={d}")
     argv = ["--out", str(out), "--preset", "smoke", "--resume", "--skip-large"]
     assert repro.main(argv + [x for r in reuse for x in ("--reuse", r)]) == 0
     report = (out / "REPORT.md").read_text()
