@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(prompt_ids, response_ids, loss_mask, logprobs).",
     )
     p.add_argument("--policy", required=True,
-                   help="'scripted' (expert with memory), 'scripted-nomem' (never prunes), a model directory, "
+                   help="'scripted' (expert with memory), 'scripted-plan' (its notes also list the questions still "
+                   "to answer), 'scripted-nomem' (never prunes), a model directory, "
                    "or openai:MODEL (an OpenAI-compatible endpoint: OPENAI_BASE_URL, OPENAI_API_KEY)")
     p.add_argument("--objectives", "-k", type=int, default=2, help="sub-questions per task (K)")
     p.add_argument("--n", type=int, default=16, help="number of episodes")

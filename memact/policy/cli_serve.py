@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tool-call-parser hermes` does the same job faster.",
     )
     p.add_argument("model", metavar="MODEL_DIR",
-                   help="model directory, or 'scripted' / 'scripted-nomem' (the expert, for the tasks of "
-                   "--objectives/--n/--seed)")
+                   help="model directory, or 'scripted' / 'scripted-plan' / 'scripted-nomem' (the expert, for "
+                   "the tasks of --objectives/--n/--seed)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--served-model-name", default=None,

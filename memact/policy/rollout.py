@@ -1,7 +1,7 @@
 """Rollouts from the command line or from code: policy spec -> engine -> trajectories -> JSONL.
 
-A policy is ``scripted`` (the expert), ``scripted-nomem`` (the expert without the memory
-tool), a model directory (tiny or a real checkpoint on a local path), or ``openai:MODEL``
+A policy is ``scripted`` (the expert), ``scripted-plan`` (the expert whose notes also keep
+the questions still to answer), ``scripted-nomem`` (the expert without the memory tool), a model directory (tiny or a real checkpoint on a local path), or ``openai:MODEL``
 (an OpenAI-compatible server: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``; see docs/engines.md).
 """
 
@@ -23,7 +23,7 @@ from memact.policy.engines import HFEngine, SamplingParams, ScriptedEngine
 from memact.policy.scripted import ScriptedExpert
 from memact.policy.strategies import parse_strategy
 
-SCRIPTED = ("scripted", "scripted-nomem")
+SCRIPTED = ("scripted", "scripted-plan", "scripted-nomem")
 OPENAI_PREFIX = "openai:"  # openai:MODEL, a model behind an OpenAI-compatible server
 
 __all__ = ["DEFAULT_CONTEXT_BUDGET", "DEFAULT_MAX_STEPS", "rollout", "make_policy", "trajectory_json"]
@@ -47,7 +47,8 @@ class PolicyHandle:
 
 def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, seed: int = 0,
                 memory: bool | None = None) -> PolicyHandle:
-    """An engine for a policy spec (``scripted``, ``scripted-nomem``, ``openai:MODEL`` or a model directory).
+    """An engine for a policy spec (``scripted``, ``scripted-plan``, ``scripted-nomem``, ``openai:MODEL`` or a
+    model directory).
 
     ``memory`` overrides whether a scripted expert uses ``prune_context`` (default: by spec).
     """
@@ -55,8 +56,8 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
 
     if spec in SCRIPTED:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
-        memory = spec == "scripted" if memory is None else memory
-        engine = ScriptedEngine(ScriptedExpert(tasks, memory=memory, seed=seed), tok)
+        memory = spec != "scripted-nomem" if memory is None else memory
+        engine = ScriptedEngine(ScriptedExpert(tasks, memory=memory, seed=seed, plan=spec == "scripted-plan"), tok)
         return PolicyHandle(engine, tok, memory, spec)
     if spec.startswith(OPENAI_PREFIX):
         from memact.policy.openai_engine import OpenAIEngine
@@ -66,7 +67,8 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
         return PolicyHandle(engine, tok, True if memory is None else memory, spec)
     path = Path(spec)
     if not path.is_dir():
-        raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-nomem', 'openai:MODEL' or a model directory")
+        raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-plan', 'scripted-nomem', 'openai:MODEL' "
+                         "or a model directory")
     model, tok = _load_cached(str(path.resolve()), (path / "config.json").stat().st_mtime)
     engine = HFEngine(model, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     return PolicyHandle(engine, tok, True, path.name)

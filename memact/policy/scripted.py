@@ -2,7 +2,10 @@
 
 The expert searches each sub-question, writes what it found into a memory note and
 deletes the search records (sometimes several at once, sometimes after a second search),
-then answers. The no-memory variant never prunes. Both see exactly what a model would see
+then answers. The no-memory variant never prunes. The plan variant (``scripted-plan``)
+writes notes that also keep the questions still to answer, in order
+(``Q1: violet; todo: Q2 gem of Govul; Q3 job of Naesin``), so the next query is a copy of
+the note's first to-do item instead of a lookup of the next question in the task text. Both see exactly what a model would see
 (the decoded prompt), so their trajectories are valid training data for SFT.
 """
 
@@ -26,6 +29,7 @@ _RECORD_RE = re.compile(
 _USER_RE = re.compile(re.escape(IM_START) + r"user\n\[id: \w+\]\n(.*?)" + re.escape(IM_END), re.DOTALL)
 _NOTE_RE = re.compile(r"(Q\d+): ([^;\n]+)")
 _KNOWN = "Known:"
+TODO = "todo:"  # the plan variant's list of questions still to answer, after the answers
 
 
 @dataclass
@@ -61,15 +65,19 @@ class ScriptedExpert:
         seed: seeds its occasional detours; the same prompt always gives the same turn.
         p_batch: chance of searching the next question before pruning (several deletions at once).
         p_second_search: chance of a second search for a question before pruning.
+        plan: notes also list the questions still to answer (``; todo: Q3 gem of Govul; ...``).
+            Its notes are longer, so by default it holds one search result at a time (no detours:
+            with two results and a K=8 note the context passes the default budget).
     """
 
-    def __init__(self, tasks: list[Task], memory: bool = True, seed: int = 0, p_batch: float = 0.3,
-                 p_second_search: float = 0.15):
+    def __init__(self, tasks: list[Task], memory: bool = True, seed: int = 0, p_batch: float | None = None,
+                 p_second_search: float | None = None, plan: bool = False):
         self.tasks = {t.prompt_text(): t for t in tasks}
         self.memory = memory
+        self.plan = plan
         self.seed = seed
-        self.p_batch = p_batch
-        self.p_second_search = p_second_search
+        self.p_batch = p_batch if p_batch is not None else (0.0 if plan else 0.3)
+        self.p_second_search = p_second_search if p_second_search is not None else (0.0 if plan else 0.15)
 
     def __call__(self, prompt: str) -> str:
         task_text, records = parse_prompt(prompt)
@@ -126,9 +134,12 @@ class ScriptedExpert:
         answer = {q.key: known[q.key] for q in task.questions}
         return f"{FINAL_ANSWER} {json.dumps(answer, ensure_ascii=False)}"
 
-    @staticmethod
-    def _note(task: Task, known: dict[str, str]) -> str:
-        return "; ".join(f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known)
+    def _note(self, task: Task, known: dict[str, str]) -> str:
+        note = "; ".join(f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known)
+        todo = [f"{q.key} {q.query}" for q in task.questions if q.key not in known]
+        if self.plan and todo:  # "Q3 gem of X" has no colon: the note parser reads only the answers
+            note = f"{note}; {TODO} {'; '.join(todo)}" if note else f"{TODO} {'; '.join(todo)}"
+        return note
 
     def _search(self, q, searches: dict[str, int]) -> str:
         n = searches.get(q.key, 0)

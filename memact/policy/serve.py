@@ -336,13 +336,14 @@ def load_backend(model: str, *, served_model_name: str | None = None, dtype: str
         from memact.policy.scripted import ScriptedExpert
 
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
-        expert = ScriptedExpert(make_tasks(n, objectives, seed), memory=model == "scripted", seed=seed)
+        expert = ScriptedExpert(make_tasks(n, objectives, seed), memory=model != "scripted-nomem", seed=seed,
+                                plan=model == "scripted-plan")
         return ChatBackend(ScriptedEngine(expert, tok), tok, served_model_name or model,
                            max_batch_size=max_batch_size)
     path = Path(model)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"memact serve {model!r}: not a model directory (no config.json), 'scripted' "
-                         "or 'scripted-nomem'")
+        raise SystemExit(f"memact serve {model!r}: not a model directory (no config.json), 'scripted', "
+                         "'scripted-plan' or 'scripted-nomem'")
     import torch
 
     from memact.policy.engines import HFEngine

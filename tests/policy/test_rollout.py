@@ -33,6 +33,37 @@ def test_no_memory_overflows_at_k8():
     assert nomem["mean_reward"] < mem["mean_reward"] - 0.5
 
 
+def test_plan_expert_notes_keep_the_questions_left_in_order():
+    """scripted-plan: every note is the answers so far, then the questions still open, and the
+    next search asks the note's first open question; it solves K=8 under the default budget."""
+    import re
+
+    from memact.policy.chat import parse_action
+    from memact.policy.rollout import default_tokenizer
+    from memact.policy.scripted import TODO
+
+    tok = default_tokenizer()
+    trajs = rollout("scripted-plan", 8, 6, seed=3, progress=False)
+    s = summarize(trajs)
+    assert s["mean_reward"] >= 0.95 and s["overflow_rate"] == 0
+    assert s["peak_context"] <= DEFAULT_CONTEXT_BUDGET - 100  # room for a model's slips
+    for t in trajs:
+        acts = [parse_action(tok.decode(c.output_ids)) for c in t.calls]
+        notes = [a.arguments["memory"] for a in acts if a.name == "prune_context"]
+        assert notes, "the plan expert prunes"
+        for i, a in enumerate(acts[:-1]):
+            if a.name != "prune_context":
+                continue
+            note = a.arguments["memory"]
+            answered = re.findall(r"(Q\d+): ", note.split(TODO)[0])
+            todo = re.findall(r"(Q\d+) ([^;]+)", note.split(TODO)[1]) if TODO in note else []
+            keys = answered + [k for k, _ in todo]
+            assert sorted(keys, key=lambda k: int(k[1:])) == [f"Q{j}" for j in range(1, 9)]
+            if todo and acts[i + 1].name == "search":
+                assert acts[i + 1].arguments["query"] == todo[0][1].strip()
+        assert TODO not in notes[-1]  # the last note holds every answer
+
+
 def test_rollout_cli_writes_trajectories(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
     assert main(["rollout", "--policy", "scripted", "-k", "2", "--n", "3", "--out", str(out), "--quiet"]) == 0
