@@ -24,3 +24,8 @@ def repro():
 @pytest.fixture(scope="session")
 def behaviour():
     return load_benchmark("behaviour")
+
+
+@pytest.fixture(scope="session")
+def token_cost():
+    return load_benchmark("token_cost")
