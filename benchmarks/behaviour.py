@@ -13,6 +13,8 @@ that applies, in the order the agent hit them:
 - ``never searched``: a question the agent never searched for;
 - ``bad prune``: a ``prune_context`` call the environment rejected, or any malformed turn;
 - ``wrong note``: a note that states a wrong value for a question;
+- ``wrong plan``: a note with a to-do list (``scripted-plan``'s format, ``; todo: Q3 gem of X; ...``)
+  that is not the questions the note leaves unanswered, in order;
 - ``overflow``: the context went over its budget; ``steps``: the step budget ran out;
 - ``wrong answer``: a final answer with a wrong value although the right one was searched.
 
@@ -28,7 +30,9 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-FAILURES = ("wrong query", "never searched", "bad prune", "wrong note", "overflow", "steps", "wrong answer")
+FAILURES = ("wrong query", "never searched", "bad prune", "wrong note", "wrong plan", "overflow", "steps",
+            "wrong answer")
+TODO = "todo:"
 _TASK_ID = re.compile(r"^syn-k(\d+)-s(\d+)$")
 
 
@@ -58,6 +62,15 @@ def turns(traj: dict, tokenizer) -> list[tuple[str, dict | None, str]]:
 def note_values(note: str) -> dict[str, str]:
     """``"Q1: Belmira; Q2: walnuts"`` -> {"Q1": "Belmira", "Q2": "walnuts"} (what the scripted notes look like)."""
     return {k: v.strip() for k, v in re.findall(r"(Q\d+):\s*([^;]+)", note)}
+
+
+def plan_ok(note: str, task) -> bool | None:
+    """Whether a note's to-do list is the questions it leaves unanswered, in order (None: no to-do list)."""
+    if TODO not in note:
+        return None
+    answered = note_values(note.split(TODO)[0])
+    want = [f"{q.key} {q.attribute} of {q.entity}" for q in task.questions if q.key not in answered]
+    return [item.strip() for item in note.split(TODO, 1)[1].split(";")] == want
 
 
 def query_error(query: str, task, searched: set[str]) -> str:
@@ -107,8 +120,10 @@ def analyse(traj: dict, tokenizer) -> dict:
                 label("bad prune")  # deletes a record the agent cannot see: the environment rejects it
             note = str(call.get("memory", ""))
             notes.append((note, set(searched)))
-            if any(k in gold and v != gold[k] for k, v in note_values(note).items()):
+            if any(k in gold and v != gold[k] for k, v in note_values(note.split(TODO)[0]).items()):
                 label("wrong note")
+            if plan_ok(note, task) is False:
+                label("wrong plan")
     if m.get("invalid_actions", 0):
         label("bad prune")
     if m.get("overflow"):

@@ -49,3 +49,25 @@ def test_non_synthetic_tasks_and_eval_rows_are_refused(behaviour, tmp_path, scri
     episodes.write_text(json.dumps({k: v for k, v in scripted_k3[0].items() if k != "calls"}) + "\n")
     with pytest.raises(SystemExit, match="calls"):
         behaviour.main(["--tokenizer", str(tmp_path / "nonexistent"), str(episodes)])
+
+
+def test_plan_notes_are_checked(behaviour, tokenizer):
+    from memact.policy.chat import call_text
+    from memact.policy.rollout import rollout, trajectory_json
+
+    trajs = [json.loads(json.dumps(trajectory_json(t))) for t in rollout("scripted-plan", 4, 2, seed=5, progress=False)]
+    for traj in trajs:
+        r = behaviour.analyse(traj, tokenizer)
+        assert r["labels"] == [] and r["note_held"] == r["note_found"] >= 3
+    traj = trajs[0]
+    task = behaviour.task_of(traj["task_id"])
+    q = task.questions
+    assert behaviour.plan_ok(f"Q1: x; todo: Q2 {q[1].query}; Q3 {q[2].query}; Q4 {q[3].query}", task)
+    assert behaviour.plan_ok(f"Q1: x; todo: Q3 {q[2].query}; Q2 {q[1].query}; Q4 {q[3].query}", task) is False
+    assert behaviour.plan_ok("Q1: x; Q2: y", task) is None
+    first = next(i for i, c in enumerate(traj["calls"]) if "prune_context" in tokenizer.decode(c["output_ids"]))
+    note = f"Q1: {q[0].answer}; todo: Q2 {q[1].query}; Q4 {q[3].query}"  # Q3 dropped from the plan
+    ids = behaviour.turns(traj, tokenizer)[first][1]["delete_ids"]
+    traj["calls"][first]["output_ids"] = tokenizer.encode(call_text("prune_context", {"memory": note, "delete_ids": ids}))
+    traj["reward"] = 0.5
+    assert behaviour.analyse(traj, tokenizer)["labels"][0] == "wrong plan"
