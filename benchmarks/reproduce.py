@@ -11,10 +11,12 @@ to work on this CPU (docs/pretrain.md):
    both without type directions (``--type-groups none``).
 2. ``memact pretrain``: the default copy warm-up with the redraw of never-fed rows, for both.
 3. Scripted trajectories: no-memory K=2, with memory K=2, and the K curricula (no memory K=1..3,
-   since without memory K >= 4 overflows the context budget; with memory K=1..6).
+   since without memory K >= 4 overflows the context budget; with memory K=1..6, then an even
+   mix of K = 1, 2, 3, 4, 6, 8).
 4. ``memact sft`` phases: NoMemory-SFT = warm-up -> no-memory K=2 -> no-memory K=1..3 (the paper's
    Search-R1 stand-in); MemAct-SFT = the no-memory K=2 policy -> memory K=2 (about five epochs:
-   record ids are copied only after the fourth) -> memory K=1..6; NoMemory-SFT-large likewise.
+   record ids are copied only after the fourth) -> memory K=1..6 -> the even mix up to K=8;
+   NoMemory-SFT-large likewise.
 5. ``memact train``: DCPO from MemAct-SFT with a K curriculum -> MemAct-RL.
 6. ``memact eval`` of all of them plus the heuristic strategies at K = 2, 4, 6, 8 (one stage per
    system, ``--jobs`` of them at a time), a table in the paper's form, issue 8's targets checked and
@@ -77,7 +79,7 @@ class Preset:
 def _chain(model: str, warm: str, epochs: tuple[int, int, int, int], scale: float = 1.0) -> tuple[Phase, ...]:
     """The phases of one model: no-memory K=2 then the no-memory curriculum; for the tiny model also
     the memory chain, which starts from the no-memory K=2 policy."""
-    nk2, ncur, mk2, mcur = epochs
+    nk2, ncur, mk2, mcur = epochs  # the even K=1..8 mix runs as many epochs as the K=1..6 one
     large = model == "large"
     prefix = "sft_large" if large else "sft"
     phases = [Phase(f"{prefix}_nomem_k2", warm, "nomem_k2", nk2, 1e-3),
@@ -87,7 +89,9 @@ def _chain(model: str, warm: str, epochs: tuple[int, int, int, int], scale: floa
         phases += [Phase("sft_mem_k2_a", "sft_nomem_k2", "mem_k2", 1, 1e-3),
                    Phase("sft_mem_k2_b", "sft_mem_k2_a", "mem_k2", mk2, 1e-3),
                    Phase("sft_mem_k2_c", "sft_mem_k2_b", "mem_k2", mk2, 1e-3, max_minutes=27 * scale),
-                   Phase(MEM_SFT, "sft_mem_k2_c", "mem_cur", mcur, 5e-4)]
+                   Phase("sft_mem_k6", "sft_mem_k2_c", "mem_cur", mcur, 5e-4),
+                   # Every K of the evaluation in equal parts: the K=1..6 policy never pruned at K=8.
+                   Phase(MEM_SFT, "sft_mem_k6", "mem_all", mcur, 5e-4)]
     return tuple(phases)
 
 
@@ -96,6 +100,7 @@ FULL_DATA = {
     "nomem_cur": ("scripted-nomem", {1: 400, 2: 400, 3: 400}),
     "mem_k2": ("scripted", {2: 1800}),
     "mem_cur": ("scripted", {1: 360, 2: 360, 3: 360, 4: 360, 6: 360}),
+    "mem_all": ("scripted", {1: 240, 2: 240, 3: 240, 4: 240, 6: 240, 8: 240}),
 }
 PRESETS = {
     # DCPO as measured (docs/reproduce.md): lr 3e-4 collapsed at K=4-6, 1e-4 did not.
@@ -104,7 +109,8 @@ PRESETS = {
                    dcpo_steps=30, dcpo_overrides=("rollout.max_steps=24", "rollout.temperature=0.7", "optim.lr=1e-4")),
     "smoke": Preset(warm_scale=0.0005,
                     data={"nomem_k2": ("scripted-nomem", {2: 4}), "nomem_cur": ("scripted-nomem", {1: 2, 2: 2}),
-                          "mem_k2": ("scripted", {2: 4}), "mem_cur": ("scripted", {1: 2, 4: 2})},
+                          "mem_k2": ("scripted", {2: 4}), "mem_cur": ("scripted", {1: 2, 4: 2}),
+                          "mem_all": ("scripted", {2: 2, 8: 1})},
                     phases=_chain("tiny", "warm_small", (1, 1, 1, 1), scale=0.1)
                     + _chain("large", "warm_large", (1, 1, 1, 1), scale=0.1),
                     dcpo_steps=2, dcpo_curriculum=(1, 2), dcpo_prompts=2, dcpo_n_traj=2, eval_n=2,

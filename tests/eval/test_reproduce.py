@@ -21,7 +21,7 @@ def test_plan_is_closed_and_chains_memory_after_nomem(repro, preset, large):
         return set(deps).union(*(ancestors(d) for d in deps)) if deps else set()
 
     mem = ancestors(repro.MEM_SFT)
-    assert {"sft_nomem_k2", "sft_mem_k2_c", "data_mem_cur", "warm_small"} <= mem
+    assert {"sft_nomem_k2", "sft_mem_k2_c", "sft_mem_k6", "data_mem_cur", "data_mem_all", "warm_small"} <= mem
     assert repro.NOMEM_SFT not in mem  # the memory chain branches off the no-memory K=2 policy
     assert ("warm_large" in plan) is large and (repro.LARGE_SFT in plan) is large
     if large:
@@ -32,6 +32,8 @@ def test_full_preset_curricula(repro):
     data = repro.PRESETS["full"].data
     assert max(data["nomem_cur"][1]) <= 3  # without memory, K >= 4 overflows the context budget
     assert min(data["mem_cur"][1]) == 1 and max(data["mem_cur"][1]) >= 4
+    # MemAct-SFT's last phase sees every evaluated K, in equal parts.
+    assert set(repro.EVAL_K) <= set(data["mem_all"][1]) and len(set(data["mem_all"][1].values())) == 1
 
 
 def test_ledger_records_and_forgets_missing_outputs(repro, tmp_path):
