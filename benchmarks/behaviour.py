@@ -30,9 +30,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from memact.policy.scripted import TODO
+
 FAILURES = ("wrong query", "never searched", "bad prune", "wrong note", "wrong plan", "overflow", "steps",
             "wrong answer")
-TODO = "todo:"
 _TASK_ID = re.compile(r"^syn-k(\d+)-s(\d+)$")
 
 
@@ -69,13 +70,13 @@ def plan_ok(note: str, task) -> bool | None:
     if TODO not in note:
         return None
     answered = note_values(note.split(TODO)[0])
-    want = [f"{q.key} {q.attribute} of {q.entity}" for q in task.questions if q.key not in answered]
+    want = [f"{q.key} {q.query}" for q in task.questions if q.key not in answered]
     return [item.strip() for item in note.split(TODO, 1)[1].split(";")] == want
 
 
 def query_error(query: str, task, searched: set[str]) -> str:
     """What is wrong with a wrong query, against the first question not searched yet."""
-    if query in {f"{q.attribute} of {q.entity}" for q in task.questions}:
+    if query in {q.query for q in task.questions}:
         return "repeat"
     todo = [q for q in task.questions if q.key not in searched]
     if not todo:
@@ -92,8 +93,8 @@ def query_error(query: str, task, searched: set[str]) -> str:
 def analyse(traj: dict, tokenizer) -> dict:
     task = task_of(traj["task_id"])
     gold = {q.key: q.answer for q in task.questions}
-    asked = {f"{q.attribute} of {q.entity}" for q in task.questions}
-    by_query = {f"{q.attribute} of {q.entity}": q.key for q in task.questions}
+    asked = {q.query for q in task.questions}
+    by_query = {q.query: q.key for q in task.questions}
     m = traj["metrics"]
     searched, notes, ids_per_prune, labels, queries = set(), [], [], [], []
 
@@ -181,7 +182,7 @@ def report(rows: list[tuple[dict, dict]], tokenizer, examples: int) -> str:
             shown[r["labels"][0]] += 1
             task = task_of(traj["task_id"])
             lines += ["", f"**{r['labels'][0]}** (all labels: {', '.join(r['labels'])}; {traj['task_id']}, reward "
-                      f"{r['reward']:.2f}): " + "; ".join(f"{q.key} {q.attribute} of {q.entity} = {q.answer}"
+                      f"{r['reward']:.2f}): " + "; ".join(f"{q.key} {q.query} = {q.answer}"
                                                           for q in task.questions), "", "```"]
             lines += [text.replace("<|im_end|>", "").strip().replace("\n", " ")[:220]
                       for text, _, _ in turns(traj, tokenizer)]

@@ -35,10 +35,10 @@ def model_ratio(k: int, p: float, length: float) -> float:
 def measure(k: int, distractors: int, n: int, seed: int, budget: int) -> dict[str, float]:
     """Tokens a task for each scripted policy on the same ``n`` tasks, with P and L from the no-memory runs."""
     from memact.env.memory import DEFAULT_MAX_STEPS, Budget
-    from memact.env.task import make_task
+    from memact.env.task import make_tasks
     from memact.policy.rollout import rollout
 
-    tasks = [make_task(seed * 100_003 + i, k, distractors=distractors) for i in range(n)]
+    tasks = make_tasks(n, k, seed, distractors=distractors)
     row: dict[str, float] = {}
     for policy in POLICIES:
         trajs = rollout(policy, k, n, seed=seed, budget=Budget(budget, DEFAULT_MAX_STEPS), tasks=tasks,
@@ -61,7 +61,7 @@ def measure(k: int, distractors: int, n: int, seed: int, budget: int) -> dict[st
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objectives", default="2,4,6,8", help="comma-separated K")
-    ap.add_argument("--distractors", default="3,6,12", help="comma-separated filler sentences a document (1-12)")
+    ap.add_argument("--distractors", default="3,6,12", help="comma-separated filler sentences a document (0-12)")
     ap.add_argument("--n", type=int, default=50, help="tasks per (K, distractors)")
     ap.add_argument("--seed", type=int, default=20000)
     ap.add_argument("--context-budget", type=int, default=32768, help="lifted so that nothing overflows")

@@ -171,9 +171,9 @@ def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int
     return Task(task_id=f"syn-k{k}-s{seed}", questions=questions, documents=documents)
 
 
-def make_tasks(n: int, k: int, seed: int) -> list[Task]:
+def make_tasks(n: int, k: int, seed: int, distractors: int = 3) -> list[Task]:
     """``n`` tasks with ``k`` objectives; task i uses seed ``seed * 100_003 + i``."""
-    return [make_task(seed * 100_003 + i, k) for i in range(n)]
+    return [make_task(seed * 100_003 + i, k, distractors=distractors) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- answers

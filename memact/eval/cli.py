@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "summary.json, REPORT.md with the paper-style table, accuracy_vs_k.png and accuracy_vs_cost.png.",
     )
     p.add_argument("--policy", required=True, action="append",
-                   help="MODEL_DIR | scripted | scripted-plan | scripted-nomem | openai:MODEL; repeat or comma-separate for several")
+                   help="MODEL_DIR | scripted | scripted-plan | scripted-nomem | openai:MODEL; repeat or "
+                   "comma-separate for several")
     p.add_argument("--strategy", default="memact",
                    help="comma-separated: memact, full, sliding_window[:K], summarize[:F] (default memact)")
     p.add_argument("--objectives", type=_ints, default=[2, 4, 6, 8], help="comma-separated K values")

@@ -1,7 +1,8 @@
 """Rollouts from the command line or from code: policy spec -> engine -> trajectories -> JSONL.
 
 A policy is ``scripted`` (the expert), ``scripted-plan`` (the expert whose notes also keep
-the questions still to answer), ``scripted-nomem`` (the expert without the memory tool), a model directory (tiny or a real checkpoint on a local path), or ``openai:MODEL``
+the questions still to answer), ``scripted-nomem`` (the expert without the memory tool), a
+model directory (tiny or a real checkpoint on a local path), or ``openai:MODEL``
 (an OpenAI-compatible server: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``; see docs/engines.md).
 """
 
@@ -20,10 +21,9 @@ from memact.env.task import Task, make_tasks
 from memact.policy.agent import Trajectory, run_episodes
 from memact.policy.chat import ChatRenderer
 from memact.policy.engines import HFEngine, SamplingParams, ScriptedEngine
-from memact.policy.scripted import ScriptedExpert
+from memact.policy.scripted import SCRIPTED, scripted_expert
 from memact.policy.strategies import parse_strategy
 
-SCRIPTED = ("scripted", "scripted-plan", "scripted-nomem")
 OPENAI_PREFIX = "openai:"  # openai:MODEL, a model behind an OpenAI-compatible server
 
 __all__ = ["DEFAULT_CONTEXT_BUDGET", "DEFAULT_MAX_STEPS", "rollout", "make_policy", "trajectory_json"]
@@ -56,9 +56,8 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
 
     if spec in SCRIPTED:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
-        memory = spec != "scripted-nomem" if memory is None else memory
-        engine = ScriptedEngine(ScriptedExpert(tasks, memory=memory, seed=seed, plan=spec == "scripted-plan"), tok)
-        return PolicyHandle(engine, tok, memory, spec)
+        expert = scripted_expert(spec, tasks, seed=seed, memory=memory)
+        return PolicyHandle(ScriptedEngine(expert, tok), tok, expert.memory, spec)
     if spec.startswith(OPENAI_PREFIX):
         from memact.policy.openai_engine import OpenAIEngine
 

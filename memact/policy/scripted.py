@@ -5,8 +5,8 @@ deletes the search records (sometimes several at once, sometimes after a second 
 then answers. The no-memory variant never prunes. The plan variant (``scripted-plan``)
 writes notes that also keep the questions still to answer, in order
 (``Q1: violet; todo: Q2 gem of Govul; Q3 job of Naesin``), so the next query is a copy of
-the note's first to-do item instead of a lookup of the next question in the task text. Both see exactly what a model would see
-(the decoded prompt), so their trajectories are valid training data for SFT.
+the note's first to-do item instead of a lookup of the next question in the task text.
+All see exactly what a model would see (the decoded prompt), so their trajectories are valid training data for SFT.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _USER_RE = re.compile(re.escape(IM_START) + r"user\n\[id: \w+\]\n(.*?)" + re.esc
 _NOTE_RE = re.compile(r"(Q\d+): ([^;\n]+)")
 _KNOWN = "Known:"
 TODO = "todo:"  # the plan variant's list of questions still to answer, after the answers
+SCRIPTED = ("scripted", "scripted-plan", "scripted-nomem")  # the policy specs of the scripted experts
 
 
 @dataclass
@@ -135,11 +136,11 @@ class ScriptedExpert:
         return f"{FINAL_ANSWER} {json.dumps(answer, ensure_ascii=False)}"
 
     def _note(self, task: Task, known: dict[str, str]) -> str:
-        note = "; ".join(f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known)
-        todo = [f"{q.key} {q.query}" for q in task.questions if q.key not in known]
-        if self.plan and todo:  # "Q3 gem of X" has no colon: the note parser reads only the answers
-            note = f"{note}; {TODO} {'; '.join(todo)}" if note else f"{TODO} {'; '.join(todo)}"
-        return note
+        parts = [f"{q.key}: {known[q.key]}" for q in task.questions if q.key in known]
+        todo = [f"{q.key} {q.query}" for q in task.questions if q.key not in known] if self.plan else []
+        if todo:  # "Q3 gem of X" has no colon: the note parser reads only the answers
+            parts.append(f"{TODO} {'; '.join(todo)}")
+        return "; ".join(parts)
 
     def _search(self, q, searches: dict[str, int]) -> str:
         n = searches.get(q.key, 0)
@@ -147,3 +148,11 @@ class ScriptedExpert:
             return call_text("search", {"query": q.query, "topk": 4})
         # The first search missed: widen it, then try the entity alone.
         return call_text("search", {"query": q.query if n == 1 or not q.entity else q.entity, "topk": 5})
+
+
+def scripted_expert(spec: str, tasks: list[Task], seed: int = 0, memory: bool | None = None) -> ScriptedExpert:
+    """The expert a policy spec names (one of ``SCRIPTED``); ``memory`` overrides whether it prunes."""
+    if spec not in SCRIPTED:
+        raise ValueError(f"not a scripted policy: {spec!r} (one of {', '.join(SCRIPTED)})")
+    memory = spec != "scripted-nomem" if memory is None else memory
+    return ScriptedExpert(tasks, memory=memory, seed=seed, plan=spec == "scripted-plan")

@@ -333,11 +333,10 @@ def load_backend(model: str, *, served_model_name: str | None = None, dtype: str
         from memact.policy.engines import ScriptedEngine
         from memact.policy.model import load_tokenizer
         from memact.policy.rollout import default_tokenizer
-        from memact.policy.scripted import ScriptedExpert
+        from memact.policy.scripted import scripted_expert
 
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
-        expert = ScriptedExpert(make_tasks(n, objectives, seed), memory=model != "scripted-nomem", seed=seed,
-                                plan=model == "scripted-plan")
+        expert = scripted_expert(model, make_tasks(n, objectives, seed), seed=seed)
         return ChatBackend(ScriptedEngine(expert, tok), tok, served_model_name or model,
                            max_batch_size=max_batch_size)
     path = Path(model)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from memact.cli import main
@@ -105,3 +106,15 @@ def test_hf_engine_logprobs_match_full_forward(tiny_model_dir):
             assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4), (ref, g.logprobs)
             if temp == 0:
                 assert g.output_ids == logits.argmax(-1).tolist()
+
+
+def test_every_scripted_spec_names_its_expert():
+    from memact.env.task import make_tasks
+    from memact.policy.scripted import SCRIPTED, scripted_expert
+
+    tasks = make_tasks(1, 2, 0)
+    experts = {spec: scripted_expert(spec, tasks) for spec in SCRIPTED}
+    assert [(e.memory, e.plan) for e in experts.values()] == [(True, False), (True, True), (False, False)]
+    assert scripted_expert("scripted-plan", tasks, memory=False).memory is False  # a strategy without the tool
+    with pytest.raises(ValueError, match="not a scripted policy"):
+        scripted_expert("scripted-nope", tasks)
