@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from memact.dcpo.distributed import barrier, full_weights
+from memact.dcpo.holds import rotate
 from memact.dcpo.modeling import core_model, merged_lora_state_dict
 
 DS_TAG = "deepspeed"
@@ -59,7 +60,8 @@ def set_rng_state(state: dict[str, Any], rollout_generator: torch.Generator | No
 
 def save_checkpoint(engine: Any, tokenizer: Any, run_dir: Path, step: int, state: dict[str, Any],
                     keep: int = 0, is_main: bool = True) -> Path:
-    """Write ``run_dir/checkpoints/step_{step:06d}`` atomically; keep the newest ``keep`` (0: all).
+    """Write ``run_dir/checkpoints/step_{step:06d}`` atomically; keep the newest ``keep`` (0: all)
+    and any a live reader holds (:mod:`memact.dcpo.holds`).
 
     Args:
         state: the trainer's own state (step counter, RNG states, ...), saved with torch.save.
@@ -78,9 +80,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, run_dir: Path, step: int, state
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep > 0:
-            for old in sorted(root.glob("step_*"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        rotate(root, keep)
     barrier()
     return final
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memact.dcpo.holds import hold
 from memact.env.memory import Budget
 from memact.env.task import Task, exact_match, make_tasks, token_f1
 from memact.policy.agent import Trajectory
@@ -116,7 +117,8 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
     sampling = spec.sampling or SamplingParams(temperature=0.0)
     summary: list[dict[str, Any]] = []
     tmp = out / "episodes.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    # A checkpoint of a running DCPO job stays on disk until every K has run (run.keep_checkpoints).
+    with hold(*(s.policy for s in spec.systems)), open(tmp, "w", encoding="utf-8") as f:
         for system in spec.systems:
             name, strategy = system.name or system.policy, system.strategy
             for k in spec.objectives:

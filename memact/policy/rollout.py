@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memact.dcpo.holds import hold
 from memact.dcpo.segments import segment_trajectory
 from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
 from memact.env.task import Task, make_tasks
@@ -135,9 +136,10 @@ def rollout(policy: str, objectives: int, n: int, seed: int = 0, budget: Budget 
     """Run ``n`` episodes of ``policy`` on fresh tasks with ``objectives`` sub-questions (or on ``tasks``)."""
     tasks = tasks if tasks is not None else make_tasks(n, objectives, seed)
     st = parse_strategy(strategy or default_strategy(policy))
-    handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed, memory=st.memory_tool)
-    renderer = ChatRenderer(handle.tokenizer)
-    budget = budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
-    sampling = sampling or SamplingParams()
-    return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, strategy=st, seed=seed,
-                        progress=progress)
+    with hold(policy):  # a checkpoint of a running DCPO job is not rotated away meanwhile
+        handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed, memory=st.memory_tool)
+        renderer = ChatRenderer(handle.tokenizer)
+        budget = budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
+        sampling = sampling or SamplingParams()
+        return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, strategy=st, seed=seed,
+                            progress=progress)
