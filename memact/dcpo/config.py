@@ -162,6 +162,10 @@ class RolloutConfig:
     curriculum: list[int] = field(default_factory=list)
     """K per stage, e.g. [1, 2, 4]: the run's steps are split into equal consecutive stages, one
     per entry (from one objective upward). Empty: every step uses ``objectives``."""
+    curriculum_mode: str = "stages"
+    """``stages``: the curriculum's K one after another (above). ``mixed``: every step's prompts
+    cycle through the curriculum's K, so each K is sampled in every step once ``prompts_per_step``
+    >= its length (with stages, a K no longer sampled drifted: docs/reproduce.md, runs E and F)."""
     prompts_per_step: int = 4
     """Distinct tasks (prompts) per step, over all ranks (published: 128)."""
     n_traj: int = 8
@@ -379,6 +383,8 @@ def validate(cfg: Config) -> None:
            b.max_tokens_per_micro_batch, f">= batch.max_seq_len ({b.max_seq_len}) so every sequence fits")
     _check(r.objectives >= 1, "rollout.objectives", r.objectives, ">= 1")
     _check(all(int(k) >= 1 for k in r.curriculum), "rollout.curriculum", r.curriculum, "a list of K >= 1")
+    _check(r.curriculum_mode in ("stages", "mixed"), "rollout.curriculum_mode", r.curriculum_mode,
+           "'stages' or 'mixed'")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1")
     _check(r.n_traj >= 1, "rollout.n_traj", r.n_traj, ">= 1 (>= 2 for a non-zero advantage)")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0 (0 is greedy)")

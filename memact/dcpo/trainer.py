@@ -116,8 +116,11 @@ class Rollout:
                             strategy=self.strategy, seed=seed, groups=groups, progress=self.progress)
 
 
-def objectives_at(rc: RolloutConfig, step: int, total_steps: int = 0) -> int:
-    """Sub-questions per task at ``step``: ``rollout.curriculum`` split evenly over the run."""
+def objectives_at(rc: RolloutConfig, step: int, total_steps: int = 0, prompt: int = 0) -> int:
+    """Sub-questions of prompt ``prompt`` at ``step``: ``rollout.curriculum`` split evenly over the
+    run, or with ``curriculum_mode: mixed`` cycled through the step's prompts."""
+    if rc.curriculum and rc.curriculum_mode == "mixed":
+        return int(rc.curriculum[(step * rc.prompts_per_step + prompt) % len(rc.curriculum)])
     if not rc.curriculum or total_steps <= 0:
         return rc.objectives
     stage = min(step * len(rc.curriculum) // total_steps, len(rc.curriculum) - 1)
@@ -135,7 +138,12 @@ def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo,
 
     Prompt g of the step goes to rank g % world_size; group ids are the step-wide prompt index.
     """
-    prompts = make_tasks(rc.prompts_per_step, objectives_at(rc, step, total_steps), seed=seed * 10_007 + step)
+    ks = [objectives_at(rc, step, total_steps, g) for g in range(rc.prompts_per_step)]
+    if len(set(ks)) == 1:
+        prompts = make_tasks(rc.prompts_per_step, ks[0], seed=seed * 10_007 + step)
+    else:  # mixed K: each K's prompts from their own seed, in prompt order
+        by_k = {k: iter(make_tasks(ks.count(k), k, seed=(seed * 10_007 + step) * 31 + k)) for k in set(ks)}
+        prompts = [next(by_k[k]) for k in ks]
     mine = [g for g in range(rc.prompts_per_step) if g % dist.world_size == dist.rank]
     tasks = [prompts[g] for g in mine for _ in range(rc.n_traj)]
     groups = [g for g in mine for _ in range(rc.n_traj)]

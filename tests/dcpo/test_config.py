@@ -90,6 +90,34 @@ def test_curriculum_splits_steps_into_stages():
     assert objectives_at(RolloutConfig(objectives=3), 5, 6) == 3
 
 
+def test_mixed_curriculum_samples_every_k_in_every_step():
+    from memact.dcpo.config import RolloutConfig
+    from memact.dcpo.distributed import DistInfo
+    from memact.dcpo.trainer import objectives_at, sample_prompts
+
+    rc = RolloutConfig(curriculum=[2, 4, 6, 8], curriculum_mode="mixed", prompts_per_step=4, n_traj=2)
+    for step in range(3):
+        tasks, groups = sample_prompts(rc, seed=0, step=step, dist=DistInfo(0, 1, 0), total_steps=3)
+        assert sorted({t.k for t in tasks}) == [2, 4, 6, 8]
+        assert groups == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert all(tasks[2 * g].task_id == tasks[2 * g + 1].task_id for g in range(4))  # a group shares its prompt
+        assert len({t.task_id for t in tasks}) == 4
+    # with fewer prompts than K, the K rotate over steps
+    rc3 = RolloutConfig(curriculum=[2, 4, 6], curriculum_mode="mixed", prompts_per_step=2)
+    assert [[objectives_at(rc3, s, 3, g) for g in range(2)] for s in range(3)] == [[2, 4], [6, 2], [4, 6]]
+    # stages mode: the tasks of a step are unchanged by the mixed code path
+    staged = RolloutConfig(curriculum=[2, 4], prompts_per_step=3, n_traj=1)
+    tasks, _ = sample_prompts(staged, seed=5, step=1, dist=DistInfo(0, 1, 0), total_steps=2)
+    from memact.env.task import make_tasks
+
+    assert [t.task_id for t in tasks] == [t.task_id for t in make_tasks(3, 4, seed=5 * 10_007 + 1)]  # step 1 of 2: K=4
+
+
+def test_curriculum_mode_is_checked():
+    with pytest.raises(ConfigError, match="rollout.curriculum_mode"):
+        load_config(configs_dir() / "tiny_cpu_dcpo.yaml", ["rollout.curriculum_mode=shuffled"])
+
+
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     from memact.dcpo.distributed import warmup_then_constant, warmup_then_cosine
 
