@@ -17,7 +17,7 @@ to work on this CPU (docs/pretrain.md):
 4. ``memact sft`` phases: NoMemory-SFT = warm-up -> no-memory K=2 -> no-memory K=1..3 (the paper's
    Search-R1 stand-in); MemAct-SFT = the no-memory K=2 policy -> memory K=2 (about five epochs:
    record ids are copied only after the fourth) -> memory K=1..6 -> the even mix up to K=8;
-   NoMemory-SFT-large likewise.
+   NoMemory-SFT-large: the no-memory chain from its own warm-up, then one more K=2-weighted epoch.
 5. ``memact train``: DCPO from MemAct-SFT with a K curriculum -> MemAct-RL.
 6. ``memact eval`` of all of them plus the heuristic strategies at K = 2, 4, 6, 8 (one stage per
    system, ``--jobs`` of them at a time), a table in the paper's form, issue 8's targets checked and
@@ -85,13 +85,13 @@ def _chain(model: str, warm: str, epochs: tuple[int, int, int, int], scale: floa
     large = model == "large"
     prefix = "sft_large" if large else "sft"
     # The large model (3-4x slower a step) is time-boxed to what was run: 35 + 28 + 27 min of SFT.
-    box = (35 * scale, 28 * scale) if large else (0.0, 0.0)
+    box = [m * scale for m in (35, 28, 27)] if large else [0.0, 0.0]
     phases = [Phase(f"{prefix}_nomem_k2", warm, "nomem_k2", nk2, 1e-3, max_minutes=box[0]),
               Phase("sft_large_nomem_cur" if large else NOMEM_SFT, f"{prefix}_nomem_k2", "nomem_cur", ncur, 5e-4,
                     max_minutes=box[1])]
     if large:
         # After the two phases it scored 0.33 at K=2 (the tiny model: 0.995): one more epoch, K=2-weighted.
-        phases.append(Phase(LARGE_SFT, "sft_large_nomem_cur", "nomem_more", 1, 5e-4, max_minutes=27 * scale))
+        phases.append(Phase(LARGE_SFT, "sft_large_nomem_cur", "nomem_more", 1, 5e-4, max_minutes=box[2]))
     else:
         # Measured as three runs of 1, 2 and 2 epochs (the last time-boxed at 27 min, ~1.9 epochs).
         phases += [Phase("sft_mem_k2_a", "sft_nomem_k2", "mem_k2", 1, 1e-3),
