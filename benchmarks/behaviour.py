@@ -30,7 +30,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from memact.policy.scripted import TODO
+from memact.agent.scripted import TODO
 
 FAILURES = ("wrong query", "never searched", "bad prune", "wrong note", "wrong plan", "overflow", "steps",
             "wrong answer")
@@ -49,7 +49,7 @@ def task_of(task_id: str):
 
 def turns(traj: dict, tokenizer) -> list[tuple[str, dict | None, str]]:
     """Every model turn: (its text, the parsed tool call or None, the prompt it saw)."""
-    from memact.policy.chat import parse_action
+    from memact.models.chatml import parse_action
 
     out = []
     for call in traj["calls"]:

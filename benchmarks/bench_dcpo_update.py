@@ -47,7 +47,7 @@ class Bench:
         import torch
 
         from memact.dcpo.data import read_trajectories
-        from memact.policy.model import load_policy
+        from memact.models.model import load_policy
 
         torch.set_num_threads(threads)
         self.seqs = read_trajectories(data, max_seq_len=4096)

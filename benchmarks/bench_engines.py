@@ -57,7 +57,8 @@ def timed(fn):
 
 
 def bench_continuous(model, tok, args) -> None:
-    from memact.policy.engines import HFEngine, SamplingParams
+    from memact.engines.base import SamplingParams
+    from memact.engines.hf import HFEngine
 
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = random_prompts(args.cb_prompts, 16, args.cb_stop_at - 24, len(tok), seed=1)
@@ -91,10 +92,11 @@ def bench_continuous(model, tok, args) -> None:
 
 
 def bench_vllm(model_dir, model, tok, args) -> None:
-    from memact.policy.engines import HFEngine, SamplingParams
+    from memact.engines.base import SamplingParams
+    from memact.engines.hf import HFEngine
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from memact.policy.vllm_engine import VLLMEngine
+    from memact.engines.vllm import VLLMEngine
 
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = random_prompts(args.v_prompts, 32, 400, len(tok), seed=2)
@@ -142,8 +144,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from memact.policy.model import load_policy, new_model
-    from memact.policy.vllm_engine import vllm_available
+    from memact.engines.vllm import vllm_available
+    from memact.models.model import load_policy, new_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = new_model(tmp, preset=args.preset, seed=0)

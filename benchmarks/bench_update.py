@@ -37,13 +37,13 @@ def main() -> None:
 
     import torch
 
+    from memact.agent.rollout import rollout
     from memact.dcpo.config import load_config
     from memact.dcpo.data import TrainSequence, micro_batches
     from memact.dcpo.distributed import DistInfo, build_engine, start_process
     from memact.dcpo.modeling import load_for_training
-    from memact.dcpo.segments import segment_trajectory
     from memact.dcpo.trainer import fill_old_and_ref_logprobs, update
-    from memact.policy.rollout import rollout
+    from memact.trajectory import segment_trajectory
 
     cfg = load_config(None, [f"model.path={args.model}", f"run.threads={args.threads}", "optim.lr=1e-6",
                              f"batch.max_tokens_per_micro_batch={args.max_tokens}", "batch.max_seq_len=2048",

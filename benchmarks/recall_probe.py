@@ -19,7 +19,7 @@ own single-token words (entity names, attribute values):
   (``note``) and the record ids in ``delete_ids`` (``copy``).
 * ``prune_mqar``: ``prune`` and ``mqar_all`` episodes, half each.
 
-The episode generators live in ``memact.policy.copy_warmup`` (the copy recipe of
+The episode generators live in ``memact.warmup.copy`` (the copy recipe of
 ``memact pretrain``); this probe trains one format with its own knobs.
 * ``fact``: n facts "The {attribute} of {entity} is {value}." over a few entities and
   attributes, then the facts again in shuffled order: the value is fixed only by the
@@ -46,14 +46,14 @@ import math
 import random
 import time
 
-from memact.policy.copy_warmup import FORMATS, KIND_NAMES
-from memact.policy.copy_warmup import make_batch as batch
+from memact.warmup.copy import FORMATS, KIND_NAMES
+from memact.warmup.copy import make_batch as batch
 
 
 def build(arch: str, preset: str, vocab: int, tok, seed: int):
     import torch
 
-    from memact.policy.model import PRESETS, build_model
+    from memact.models.model import PRESETS, build_model
 
     p = PRESETS[preset]
     torch.manual_seed(seed)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     if args.init:
-        from memact.policy.model import load_policy
+        from memact.models.model import load_policy
 
         model, _ = load_policy(args.init)
         model.train()

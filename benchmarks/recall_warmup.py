@@ -7,7 +7,7 @@
 (the run recorded in docs/pretrain.md: about 7.5 minutes on a shared 2-core machine).
 
 Every configuration trains a fresh model (same tokenizer, same seed, hence the same data
-stream) with ``memact.policy.pretrain.Pretrainer``. The runs advance in round-robin slices
+stream) with ``memact.warmup.facts.Pretrainer``. The runs advance in round-robin slices
 of ``--slice`` seconds in one process, so neighbours on a shared machine slow them all
 alike and the tokens/s columns compare; accuracy is a function of tokens seen and does
 not depend on the machine's load at all.
@@ -16,7 +16,7 @@ Budget: ``--seconds S`` gives each configuration about S seconds of training (ev
 not counted): a short probe measures each one's tokens/s and sets its token budget (the
 length of its warm-up + cosine schedule and its curriculum) to tokens/s x S. ``--tokens N``
 instead gives every configuration the same N tokens. A configuration is ``PRESET:LR`` with
-PRESET a name from ``memact.policy.model.PRESETS`` or ``hHIDDENlLAYERS`` (e.g. ``h192l4``:
+PRESET a name from ``memact.models.model.PRESETS`` or ``hHIDDENlLAYERS`` (e.g. ``h192l4``:
 hidden 192, 4 layers, 4 heads, 2 KV heads, MLP 3x hidden).
 
 Prints a table per configuration (tokens/s, loss, held-out recall per curriculum level,
@@ -42,8 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from memact.env.task import ATTRIBUTES  # noqa: E402
-from memact.policy.model import PRESETS, ModelPreset, build_model, count_parameters, load_tokenizer  # noqa: E402
-from memact.policy.pretrain import PretrainConfig, Pretrainer, parse_curriculum  # noqa: E402
+from memact.models.model import PRESETS, ModelPreset, build_model, count_parameters, load_tokenizer  # noqa: E402
+from memact.warmup.facts import PretrainConfig, Pretrainer, parse_curriculum  # noqa: E402
 
 
 def parse_config(spec: str) -> tuple[str, ModelPreset, float]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     else:
-        from memact.policy.rollout import default_tokenizer
+        from memact.agent.rollout import default_tokenizer
 
         tok = default_tokenizer()
     out = Path(args.out)

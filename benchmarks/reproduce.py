@@ -200,7 +200,7 @@ def build_plan(p: Preset, seed: int, large: bool) -> dict[str, tuple[tuple[str, 
     """Every stage but the evaluations: its name -> (the stages it builds on, how to make it from
     ``(out, {dependency: path})``)."""
     from memact.demo import _dcpo, _sft
-    from memact.policy.copy_warmup import DEFAULT_STAGES, copy_warmup, parse_stages, stages_text
+    from memact.warmup.copy import DEFAULT_STAGES, copy_warmup, parse_stages, stages_text
 
     plan: dict[str, tuple[tuple[str, ...], Callable[[Path, dict], Path]]] = {}
     for size, preset in (("small", "tiny"), ("large", p.large_preset))[: 2 if large else 1]:
@@ -257,7 +257,7 @@ def eval_stage(name: str, strategy: str) -> str:
 
 
 def _new_model(path: Path, preset: str, seed: int) -> Path:
-    from memact.policy.model import new_model
+    from memact.models.model import new_model
 
     return new_model(path, preset=preset, seed=seed, type_groups=())
 

@@ -44,7 +44,7 @@ def token_kinds(tokenizer) -> dict[int, str]:
 def evaluate(policy: str, data: str, max_segments: int = 200) -> dict[str, dict[str, float]]:
     import torch
 
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     model, tokenizer = load_policy(policy)
     model.eval()

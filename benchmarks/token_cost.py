@@ -34,9 +34,9 @@ def model_ratio(k: int, p: float, length: float) -> float:
 
 def measure(k: int, distractors: int, n: int, seed: int, budget: int) -> dict[str, float]:
     """Tokens a task for each scripted policy on the same ``n`` tasks, with P and L from the no-memory runs."""
+    from memact.agent.rollout import rollout
     from memact.env.memory import DEFAULT_MAX_STEPS, Budget
     from memact.env.task import make_tasks
-    from memact.policy.rollout import rollout
 
     tasks = make_tasks(n, k, seed, distractors=distractors)
     row: dict[str, float] = {}

@@ -55,8 +55,8 @@ class _TimeUp(Exception):
 def run_one(name: str, init: str, stages_text: str, out: Path, seconds: float, seed: int) -> None:
     import torch
 
-    from memact.policy.copy_warmup import CopyWarmup, make_batch, parse_stages
-    from memact.policy.model import load_policy, new_model, resolve_device
+    from memact.models.model import load_policy, new_model, resolve_device
+    from memact.warmup.copy import CopyWarmup, make_batch, parse_stages
 
     t0 = time.time()
     torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         (name, init, stages), = variants
         run_one(name, init, stages, out, args.minutes * 60, args.seed)
         return 0
-    from memact.policy.copy_warmup import parse_stages
+    from memact.warmup.copy import parse_stages
 
     for name, _, stages in variants:  # refuse a bad recipe before anything starts
         try:

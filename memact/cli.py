@@ -15,10 +15,10 @@ import sys
 
 # (module, short help) in the order `memact --help` lists them.
 SUBCOMMANDS = [
-    ("memact.policy.cli_model", "new-model: build a tiny Qwen-architecture model and tokenizer"),
-    ("memact.policy.cli_pretrain", "pretrain: in-context recall warm-up before SFT"),
-    ("memact.policy.cli_rollout", "rollout: run episodes and write trajectories with DCPO segments"),
-    ("memact.policy.cli_serve", "serve: OpenAI-compatible chat server over a model directory"),
+    ("memact.models.cli", "new-model: build a tiny Qwen-architecture model and tokenizer"),
+    ("memact.warmup.cli", "pretrain: in-context recall warm-up before SFT"),
+    ("memact.agent.cli_rollout", "rollout: run episodes and write trajectories with DCPO segments"),
+    ("memact.agent.cli_serve", "serve: OpenAI-compatible chat server over a model directory"),
     ("memact.dcpo.cli_train", "sft / train: SFT cold start and DCPO on DeepSpeed"),
     ("memact.eval.cli", "eval: accuracy against context length for policies and memory strategies"),
     ("memact.demo", "demo: the whole pipeline on a tiny CPU model, leaving a report"),

@@ -69,14 +69,15 @@ class _Clock:
 
 
 def _rollouts(policy: str, plan: dict[int, int], seed: int, path: Path) -> dict[str, float]:
-    from memact.policy.rollout import rollout, summarize, trajectory_json, write_jsonl_atomic
+    from memact.agent.rollout import rollout
+    from memact.trajectory import to_json, trajectory_stats, write_jsonl
 
     rows, rewards = [], []
     for k, n in plan.items():
         trajs = rollout(policy, k, n, seed=seed + 1000 * k, progress=False)
-        rows += [trajectory_json(t) for t in trajs]
-        rewards.append(summarize(trajs)["mean_reward"])
-    write_jsonl_atomic(path, rows)
+        rows += [to_json(t) for t in trajs]
+        rewards.append(trajectory_stats(trajs)["reward_mean"])
+    write_jsonl(path, rows)
     return {"trajectories": len(rows), "mean_reward": sum(rewards) / len(rewards)}
 
 
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, Budget
     from memact.eval.evaluate import EvalSpec, System, evaluate
     from memact.eval.report import write_report
-    from memact.policy.model import count_parameters, load_policy, new_model
+    from memact.models.model import count_parameters, load_policy, new_model
 
     preset = PRESETS[args.preset]
     out = Path(args.out)
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         f"`memact demo --preset {args.preset}`: wall time {wall / 60:.1f} min on this machine.",
         "",
         f"Tiny model: {facts['parameters']:,} parameters. SFT data: {facts['data_mem']['trajectories']} scripted "
-        f"trajectories with memory actions (expert reward {facts['data_mem']['mean_reward']:.2f}) and "
+        f"trajectories with memory actions (expert reward {facts['data_mem']['reward_mean']:.2f}) and "
         f"{facts['data_nomem']['trajectories']} without. DCPO: {preset.dcpo_steps} steps at K="
         f"{preset.dcpo_objectives} from the SFT checkpoint ({preset.dcpo_prompts} prompts x {preset.dcpo_n_traj} "
         f"trajectories a step). Evaluation: {preset.eval_n} held-out tasks per cell, greedy decoding, step budget "

@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from memact.policy.rollout import default_tokenizer
+    from memact.agent.rollout import default_tokenizer
 
     return default_tokenizer()
 
@@ -21,7 +21,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny model + tokenizer written by `new_model` (built once per session)."""
-    from memact.policy.model import new_model
+    from memact.models.model import new_model
 
     return new_model(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
 
@@ -32,7 +32,7 @@ MICRO = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermed
 @pytest.fixture(scope="session")
 def micro_model_dir(tmp_path_factory, tokenizer):
     """A 2-layer, 32-wide random model with the task tokenizer: fast enough for a few training steps."""
-    from memact.policy.model import ModelPreset, build_model
+    from memact.models.model import ModelPreset, build_model
 
     out = tmp_path_factory.mktemp("micro")
     model = build_model(ModelPreset(**MICRO), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -45,10 +45,11 @@ def micro_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def scripted_jsonl(tmp_path_factory):
     """Four scripted K=1 trajectories (``memact rollout --policy scripted`` output) as a JSONL file."""
-    from memact.policy.rollout import rollout, trajectory_json, write_jsonl_atomic
+    from memact.agent.rollout import rollout
+    from memact.trajectory import write_jsonl
 
     path = tmp_path_factory.mktemp("data") / "scripted.jsonl"
-    write_jsonl_atomic(path, [trajectory_json(t) for t in rollout("scripted", 1, 4, progress=False)])
+    write_jsonl(path, rollout("scripted", 1, 4, progress=False))
     return path
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from memact.dcpo.distributed import barrier, full_weights
-from memact.dcpo.holds import rotate
 from memact.dcpo.modeling import core_model, merged_lora_state_dict
+from memact.util.holds import rotate
 
 DS_TAG = "deepspeed"
 STATE_FILE = "trainer_state.pt"
@@ -61,7 +61,7 @@ def set_rng_state(state: dict[str, Any], rollout_generator: torch.Generator | No
 def save_checkpoint(engine: Any, tokenizer: Any, run_dir: Path, step: int, state: dict[str, Any],
                     keep: int = 0, is_main: bool = True) -> Path:
     """Write ``run_dir/checkpoints/step_{step:06d}`` atomically; keep the newest ``keep`` (0: all)
-    and any a live reader holds (:mod:`memact.dcpo.holds`).
+    and any a live reader holds (:mod:`memact.util.holds`).
 
     Args:
         state: the trainer's own state (step counter, RNG states, ...), saved with torch.save.

@@ -184,7 +184,7 @@ class RolloutConfig:
     the penalty reward (published: 40). Not the number of training steps (``run.steps``)."""
     strategy: str = "memact"
     """How the context is managed: ``memact`` (the ``prune_context`` tool, what DCPO trains),
-    ``full``, ``sliding_window[:K]`` or ``summarize[:F]`` (baselines; see memact.policy.strategies)."""
+    ``full``, ``sliding_window[:K]`` or ``summarize[:F]`` (baselines; see memact.agent.strategies)."""
     max_batch_size: int = 64
     """Prompts per engine forward pass."""
 
@@ -352,8 +352,8 @@ def to_yaml(cfg: Config) -> str:
 
 
 def rehearsal_stage(text: str):
-    """``sft.rehearsal`` text -> a copy warm-up :class:`~memact.policy.copy_warmup.Stage`."""
-    from memact.policy.copy_warmup import parse_stages
+    """``sft.rehearsal`` text -> a copy warm-up :class:`~memact.warmup.copy.Stage`."""
+    from memact.warmup.copy import parse_stages
 
     fmt, _, rest = text.partition(":")
     if not rest or len(rest.split(":")) not in (3, 4):
@@ -389,7 +389,7 @@ def validate(cfg: Config) -> None:
     _check(r.n_traj >= 1, "rollout.n_traj", r.n_traj, ">= 1 (>= 2 for a non-zero advantage)")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0 (0 is greedy)")
     try:
-        from memact.policy.strategies import parse_strategy
+        from memact.agent.strategies import parse_strategy
 
         parse_strategy(r.strategy)
     except ValueError as err:

@@ -8,13 +8,14 @@ aligned to the *targets*: position j holds the prediction of ``tokens[j + 1]``.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from memact.trajectory import Segment, TrajectoryFormatError, read_jsonl
 
 
 class DataError(ValueError):
@@ -51,65 +52,35 @@ class TrainSequence:
         return sum(self.loss_mask)
 
     @classmethod
-    def from_segment(cls, seg: Any, **kw: Any) -> TrainSequence:
-        """From a ``Segment`` or its JSON dict (``prompt_ids, response_ids, loss_mask, logprobs``)."""
-        get = (lambda k: seg[k]) if isinstance(seg, dict) else (lambda k: getattr(seg, k))
-        prompt, response = list(get("prompt_ids")), list(get("response_ids"))
-        return cls(prompt + response, len(prompt), list(get("loss_mask")), [float(x) for x in get("logprobs")], **kw)
+    def from_segment(cls, seg: Segment, **kw: Any) -> TrainSequence:
+        return cls(seg.prompt_ids + seg.response_ids, len(seg.prompt_ids), list(seg.loss_mask), list(seg.logprobs),
+                   **kw)
 
 
 def read_trajectories(path: str | Path, max_seq_len: int) -> list[TrainSequence]:
-    """Every segment of a ``memact rollout`` JSONL file, checked before any training starts.
+    """Every segment of a trajectory JSONL file (``memact.trajectory``), checked before any
+    training starts.
 
     Each sequence's ``traj_id`` is its line's index (0-based), ``group`` the file's group field.
 
     Raises:
-        DataError: unreadable file, a line that is not a JSON trajectory, a segment whose
-            fields disagree in length, or a segment longer than ``max_seq_len``; the message
-            names the line (1-based) and segment index.
+        DataError: what :func:`memact.trajectory.read_jsonl` rejects, or a segment longer than
+            ``max_seq_len``; the message names the line (1-based) and segment index.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"trajectories file {str(path)!r} does not exist")
     out: list[TrainSequence] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
-                                "expected one trajectory object per line") from err
-            if not isinstance(row, dict) or not isinstance(row.get("segments"), list):
-                raise DataError(f"{where}: expected a trajectory object with a 'segments' list "
-                                "(as written by `memact rollout`)")
-            for s, seg in enumerate(row["segments"]):
-                out.append(_checked_segment(seg, f"{where} segment {s}", max_seq_len, lineno - 1,
-                                            int(row.get("group", 0))))
+    try:
+        for row in read_jsonl(path):
+            for s, seg in enumerate(row.segments):
+                if len(seg) > max_seq_len:
+                    raise DataError(f"{path}:{row.line} segment {s}: {len(seg)} tokens is longer than "
+                                    f"batch.max_seq_len={max_seq_len}; raise batch.max_seq_len or roll out with a "
+                                    "smaller --context-budget")
+                out.append(TrainSequence.from_segment(seg, traj_id=row.index, group=row.group))
+    except TrajectoryFormatError as err:
+        raise DataError(str(err)) from None
     if not out:
         raise DataError(f"trajectories file {str(path)!r} holds no segments")
     return out
-
-
-def _checked_segment(seg: Any, where: str, max_seq_len: int, traj_id: int, group: int) -> TrainSequence:
-    keys = ("prompt_ids", "response_ids", "loss_mask", "logprobs")
-    if not isinstance(seg, dict) or any(not isinstance(seg.get(k), list) for k in keys):
-        raise DataError(f"{where}: expected an object with lists {', '.join(keys)}")
-    n_resp = len(seg["response_ids"])
-    if len(seg["loss_mask"]) != n_resp or len(seg["logprobs"]) != n_resp:
-        raise DataError(f"{where}: response_ids, loss_mask and logprobs must have the same length, got "
-                        f"{n_resp}, {len(seg['loss_mask'])}, {len(seg['logprobs'])}")
-    if not seg["prompt_ids"]:
-        raise DataError(f"{where}: empty prompt_ids")
-    n = len(seg["prompt_ids"]) + n_resp
-    if n > max_seq_len:
-        raise DataError(f"{where}: {n} tokens is longer than batch.max_seq_len={max_seq_len}; "
-                        "raise batch.max_seq_len or roll out with a smaller --context-budget")
-    if any(m not in (0, 1) for m in seg["loss_mask"]):
-        raise DataError(f"{where}: loss_mask must hold only 0 and 1")
-    return TrainSequence.from_segment(seg, traj_id=traj_id, group=group)
 
 
 def pack_micro_batches(lengths: list[int], max_tokens: int, pad_to_multiple_of: int = 1) -> list[list[int]]:

@@ -53,7 +53,7 @@ def load_for_training(cfg: Config) -> tuple[Any, Any]:
     are small and are partitioned by ``deepspeed.initialize``. Such a model runs only through
     its DeepSpeed engine (its parameters are empty shards outside the engine's forward).
     """
-    from memact.policy.model import load_tokenizer
+    from memact.models.model import load_tokenizer
 
     if cfg.model.fused_logprobs and zero_stage(cfg) == 3:
         # The kernel reads the LM head's weight outside the module call, where ZeRO-3 leaves

@@ -121,7 +121,7 @@ class Rehearsal:
 
     def backward(self, engine) -> float:
         """Add this step's rehearsal gradient to the engine's; returns the (unweighted) loss."""
-        from memact.policy.copy_warmup import copy_loss, make_batch
+        from memact.warmup.copy import copy_loss, make_batch
 
         s = self.stage
         x, m, kind = (t.to(engine.device) for t in make_batch(s.format, s.n, self.rng, self.tok, s.batch, s.seq_len))

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from memact.agent.chat import ChatRenderer
+from memact.agent.loop import run_episodes
+from memact.agent.strategies import parse_strategy
 from memact.dcpo.advantages import broadcast_to_segments, group_advantages
 from memact.dcpo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from memact.dcpo.config import Config, DCPOConfig, RolloutConfig, to_yaml
@@ -36,13 +39,11 @@ from memact.dcpo.modeling import frozen_reference, load_for_training, reference_
 from memact.dcpo.packing import build_micro_batches
 from memact.dcpo.plan import check_world
 from memact.dcpo.sampling import sample_segments
-from memact.dcpo.segments import Segment, segment_trajectory
+from memact.engines.base import SamplingParams
+from memact.engines.hf import HFEngine
 from memact.env.memory import Budget
 from memact.env.task import Task, make_tasks
-from memact.policy.agent import Trajectory, run_episodes
-from memact.policy.chat import ChatRenderer
-from memact.policy.engines import HFEngine, SamplingParams
-from memact.policy.strategies import parse_strategy
+from memact.trajectory import Segment, Trajectory, segment_trajectory
 
 
 def train(cfg: Config) -> Path:

@@ -6,7 +6,7 @@ so an agent can only answer by searching and reading its context, never by memor
 
 Entity names, attribute values and record ids come from fixed pools (the same on every
 machine) so that a tokenizer can give each one a single token (see
-``memact.policy.tokenizer``).
+``memact.models.tokenizer``).
 """
 
 from __future__ import annotations

@@ -43,11 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memact.agent.strategies import parse_strategy
+    from memact.engines.base import SamplingParams
     from memact.env.memory import Budget
     from memact.eval.evaluate import EvalSpec, evaluate
     from memact.eval.report import write_report
-    from memact.policy.engines import SamplingParams
-    from memact.policy.strategies import parse_strategy
 
     policies = [p for item in args.policy for p in item.split(",") if p]
     strategies = [s for s in args.strategy.split(",") if s]

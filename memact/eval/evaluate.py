@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memact.dcpo.holds import hold
+from memact.engines.base import SamplingParams
 from memact.env.memory import Budget
 from memact.env.task import Task, exact_match, make_tasks, token_f1
-from memact.policy.agent import Trajectory
-from memact.policy.engines import SamplingParams
+from memact.trajectory import Trajectory, trajectory_stats
+from memact.util.holds import hold
 
 Judge = Callable[[str, str, str], bool]  # (question, gold, prediction) -> equivalent?
 
@@ -91,15 +91,18 @@ def episode_row(policy: str, strategy: str, task: Task, traj: Trajectory, judge:
     }
 
 
-def summarize_rows(rows: list[dict]) -> dict[str, Any]:
+def summarize(trajs: list[Trajectory], rows: list[dict]) -> dict[str, Any]:
+    """One (system, K) cell: answer quality from the episode rows, the rest from
+    :func:`memact.trajectory.trajectory_stats`."""
     n = len(rows)
     mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
+    st = trajectory_stats(trajs)
     out = {
         "n": n, "accuracy": mean("accuracy"), "f1": mean("f1"), "all_correct": mean("all_correct"),
-        "mean_context": mean("mean_context_tokens"), "peak_context": mean("peak_context_tokens"),
-        "max_peak_context": max(r["peak_context_tokens"] for r in rows), "total_tokens": mean("total_tokens"),
-        "memory_actions": mean("memory_actions"), "steps": mean("steps"), "overflow": mean("overflow"),
-        "failed": sum(r["error"] is not None for r in rows),
+        "mean_context": st["context_mean"], "peak_context": st["context_peak_mean"],
+        "max_peak_context": st["context_peak_max"], "total_tokens": st["tokens"],
+        "memory_actions": st["memory_actions"], "steps": st["steps"], "overflow": st["overflow_rate"],
+        "failed": st["failed"],
     }
     if rows[0].get("judge_accuracy") is not None:
         out["judge_accuracy"] = mean("judge_accuracy")
@@ -109,7 +112,8 @@ def summarize_rows(rows: list[dict]) -> dict[str, Any]:
 def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = None,
              progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every combination, write ``episodes.jsonl`` and ``summary.json`` to ``out_dir``."""
-    from memact.policy.rollout import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, rollout
+    from memact.agent.rollout import rollout
+    from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +133,7 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
                 rows = [episode_row(name, strategy, t, tr, judge) for t, tr in zip(tasks, trajs)]
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
-                s = {"policy": name, "strategy": strategy, "k": k, **summarize_rows(rows),
+                s = {"policy": name, "strategy": strategy, "k": k, **summarize(trajs, rows),
                      "seconds": time.time() - t0}
                 summary.append(s)
                 log(f"{name} / {strategy} / K={k}: accuracy {s['accuracy']:.3f} | all-correct "

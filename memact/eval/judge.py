@@ -20,7 +20,7 @@ def make_judge(spec: str, chat: Callable[[list[dict]], str] | None = None) -> Ca
     if kind != "openai" or not model:
         raise ValueError(f"--judge {spec!r}: expected openai:MODEL")
     if chat is None:
-        from memact.policy.openai_engine import OpenAIEngine
+        from memact.engines.openai import OpenAIEngine
 
         engine = OpenAIEngine(model, tokenizer=None, max_retries=3)
         chat = lambda messages: engine.chat(messages, temperature=0.0, max_tokens=4)  # noqa: E731

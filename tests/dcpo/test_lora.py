@@ -44,7 +44,7 @@ def _assert_plain_hf_dir(model_dir) -> None:
     """No peft files; loads with transformers (no missing or unexpected keys) and ``load_policy``."""
     from transformers import AutoModelForCausalLM
 
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     names = {p.name for p in model_dir.iterdir()}
     assert "model.safetensors" in names and "config.json" in names

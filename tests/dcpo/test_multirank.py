@@ -106,7 +106,7 @@ def test_two_rank_dcpo_zero3_reduces_metrics(micro_model_dir, tmp_path):
     for r in rows:
         assert r["segments_trained"] == 2 * 3  # N_seg per prompt, one prompt on each rank
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     model, _ = load_policy(run / "checkpoints" / "step_000002")
     assert all(p.numel() > 0 for p in model.parameters())

@@ -10,8 +10,8 @@ from memact.dcpo.data import TrainSequence, micro_batches
 from memact.dcpo.distributed import DistInfo
 from memact.dcpo.modeling import token_logprobs
 from memact.dcpo.packing import build_micro_batches, packed_micro_batches, prefix_micro_batches
-from memact.dcpo.segments import segment_trajectory
 from memact.dcpo.trainer import UpdateStats, accumulate
+from memact.trajectory import segment_trajectory
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -21,8 +21,8 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermedi
 def model_and_segments(tokenizer):
     """A 2-layer random fp32 model and the segments of 2 scripted K=2 trajectories,
     which share their system prompt and, within a trajectory, the task and surviving records."""
-    from memact.policy.model import ModelPreset, build_model
-    from memact.policy.rollout import rollout
+    from memact.agent.rollout import rollout
+    from memact.models.model import ModelPreset, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelPreset(**TINY), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,

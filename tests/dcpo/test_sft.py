@@ -27,7 +27,7 @@ def test_sft_loss_falls(micro_model_dir, scripted_jsonl, tmp_path):
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.5, losses
     # The output is an HF model directory that the rollout CLI can load.
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     model, tok = load_policy(out)
     assert model.config.hidden_size == MICRO["hidden_size"]

@@ -11,7 +11,6 @@ from memact.dcpo.config import load_config
 from memact.dcpo.data import TrainSequence, collate, micro_batches, pack_micro_batches
 from memact.dcpo.distributed import DistInfo
 from memact.dcpo.modeling import token_logprobs
-from memact.dcpo.segments import segment_trajectory
 from memact.dcpo.trainer import (
     UpdateStats,
     accumulate,
@@ -19,6 +18,7 @@ from memact.dcpo.trainer import (
     select_segments,
     split_by_prompt,
 )
+from memact.trajectory import segment_trajectory
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 
@@ -28,7 +28,7 @@ ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 @pytest.fixture(scope="module")
 def scripted_segments():
     """Segments of 2 scripted K=1 trajectories (memory actions included), as TrainSequences."""
-    from memact.policy.rollout import rollout
+    from memact.agent.rollout import rollout
 
     trajs = rollout("scripted", 1, 2, progress=False)
     return [TrainSequence.from_segment(s, advantage=1.0 - 2.0 * i, traj_id=i, group=0)
@@ -74,7 +74,7 @@ def test_sample_prompts_groups_and_ranks():
 
 
 def test_select_segments_round_robin_and_advantages():
-    from memact.dcpo.segments import Segment
+    from memact.trajectory import Segment
 
     def seg(n):
         return Segment(prompt_ids=[1, 2], response_ids=[3] * n, loss_mask=[1] * n, logprobs=[0.0] * n)
@@ -99,7 +99,7 @@ def test_trainer_logprobs_match_engine_and_full_logits(micro_model_dir):
     """The trainer's log-prob of each generated token equals the engine's sampling log-prob."""
     from memact.dcpo.trainer import Rollout
     from memact.env.task import make_tasks
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     torch.manual_seed(0)
     model, tok = load_policy(micro_model_dir)
@@ -121,7 +121,7 @@ def test_trainer_logprobs_match_engine_and_full_logits(micro_model_dir):
 
 @pytest.mark.parametrize("agg", ["token_mean", "trajectory"])
 def test_one_vs_four_micro_batches_same_gradient(micro_model_dir, scripted_segments, agg, shim_engine):
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     model, tok = load_policy(micro_model_dir)
     model.train()
@@ -183,7 +183,7 @@ KEYS = ("lr", "loss", "pg_loss", "kl", "entropy", "grad_norm", "reward_mean", "c
 
 def test_resume_continues_exactly(micro_model_dir, tmp_path):
     from memact.dcpo.trainer import train
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     straight = train(_cfg(micro_model_dir, tmp_path / "a", 4))
     half = train(_cfg(micro_model_dir, tmp_path / "b", 2))
@@ -206,7 +206,7 @@ def test_resume_continues_exactly(micro_model_dir, tmp_path):
 def test_lora_checkpoint_is_merged(micro_model_dir, tmp_path, shim_engine):
     from memact.dcpo.checkpoint import save_hf
     from memact.dcpo.modeling import load_for_training
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     cfg = load_config(None, [f"model.path={micro_model_dir}", "lora.enabled=true", "lora.r=4"])
     model, tok = load_for_training(cfg)
@@ -267,7 +267,7 @@ def test_zero3_loads_partitioned_and_shards_the_reference(micro_model_dir, tmp_p
 
     from memact.dcpo.modeling import frozen_reference, load_for_training
     from memact.dcpo.trainer import train
-    from memact.policy.model import load_policy
+    from memact.models.model import load_policy
 
     cfg = _cfg(micro_model_dir, tmp_path / "z3", 2, "deepspeed.zero_stage=3")
     model, _ = load_for_training(cfg)

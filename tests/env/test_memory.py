@@ -7,7 +7,7 @@ import pytest
 from memact.env.memory import IdSource, MemoryActionError, Record, WorkingMemory, make_id_pool
 from memact.env.task import make_task
 from memact.env.tools import AgentEnv
-from memact.policy.chat import call_text, parse_action
+from memact.models.chatml import call_text, parse_action
 
 
 def test_id_pool_fixed_distinct_eight_chars():

@@ -9,9 +9,10 @@ import pytest
 
 @pytest.fixture(scope="module")
 def scripted_k3():
-    from memact.policy.rollout import rollout, trajectory_json
+    from memact.agent.rollout import rollout
+    from memact.trajectory import to_json
 
-    return [json.loads(json.dumps(trajectory_json(t))) for t in rollout("scripted", 3, 3, seed=4, progress=False)]
+    return [json.loads(json.dumps(to_json(t))) for t in rollout("scripted", 3, 3, seed=4, progress=False)]
 
 
 def test_scripted_episodes_have_no_failures_and_notes_hold_every_answer(behaviour, scripted_k3, tokenizer):
@@ -23,7 +24,7 @@ def test_scripted_episodes_have_no_failures_and_notes_hold_every_answer(behaviou
 
 
 def test_tampered_turns_get_their_labels_in_order(behaviour, scripted_k3, tokenizer):
-    from memact.policy.chat import call_text
+    from memact.models.chatml import call_text
 
     traj = json.loads(json.dumps(scripted_k3[0]))
     task = behaviour.task_of(traj["task_id"])
@@ -52,10 +53,11 @@ def test_non_synthetic_tasks_and_eval_rows_are_refused(behaviour, tmp_path, scri
 
 
 def test_plan_notes_are_checked(behaviour, tokenizer):
-    from memact.policy.chat import call_text
-    from memact.policy.rollout import rollout, trajectory_json
+    from memact.agent.rollout import rollout
+    from memact.models.chatml import call_text
+    from memact.trajectory import to_json
 
-    trajs = [json.loads(json.dumps(trajectory_json(t))) for t in rollout("scripted-plan", 4, 2, seed=5, progress=False)]
+    trajs = [json.loads(json.dumps(to_json(t))) for t in rollout("scripted-plan", 4, 2, seed=5, progress=False)]
     for traj in trajs:
         r = behaviour.analyse(traj, tokenizer)
         assert r["labels"] == [] and r["note_held"] == r["note_found"] >= 3

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from memact.agent.rollout import rollout
 from memact.cli import main
 from memact.env.hotpotqa import build_corpus, load_hotpotqa, make_hotpot_tasks
 from memact.env.task import exact_match, token_f1
 from memact.eval.report import markdown_table, write_report
-from memact.policy.rollout import rollout
 
 
 def test_exact_match_and_f1_hand_computed():
@@ -115,7 +115,7 @@ def test_llm_judge_counts_equivalent_answers():
     from memact.env.task import make_task
     from memact.eval.evaluate import episode_row
     from memact.eval.judge import make_judge
-    from memact.policy.agent import Trajectory
+    from memact.trajectory import Trajectory
 
     asked = []
 

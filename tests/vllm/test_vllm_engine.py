@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from memact.policy.vllm_engine import vllm_available
+from memact.engines.vllm import vllm_available
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (run `make test-vllm`)")
 
@@ -20,7 +20,7 @@ MAX_NEW = 24
 
 
 def _engine(model_dir, multiprocess: bool):
-    from memact.policy.vllm_engine import VLLMEngine
+    from memact.engines.vllm import VLLMEngine
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
@@ -42,8 +42,8 @@ def vllm_engine(tiny_model_dir):
 
 @pytest.fixture()
 def hf(tiny_model_dir):
-    from memact.policy.engines import HFEngine
-    from memact.policy.model import load_policy
+    from memact.engines.hf import HFEngine
+    from memact.models.model import load_policy
 
     model, tok = load_policy(tiny_model_dir)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -51,9 +51,10 @@ def hf(tiny_model_dir):
 
 
 def _prompts(tok):
+    from memact.agent.chat import ChatRenderer
     from memact.env.task import make_task
     from memact.env.tools import AgentEnv
-    from memact.policy.chat import SYSTEM_PROMPT, ChatRenderer
+    from memact.models.chatml import SYSTEM_PROMPT
 
     r = ChatRenderer(tok)
     env = AgentEnv(make_task(3, 2), seed=0)
@@ -79,7 +80,7 @@ def _check_against_hf(vllm_gens, hf_gens, model, prompts):
 
 
 def test_greedy_matches_hf_token_for_token(vllm_engine, hf):
-    from memact.policy.engines import SamplingParams
+    from memact.engines.base import SamplingParams
 
     model, tok, hf_engine = hf
     prompts = _prompts(tok)
@@ -89,7 +90,7 @@ def test_greedy_matches_hf_token_for_token(vllm_engine, hf):
 
 def test_stop_token_is_kept_and_ends_the_turn(vllm_engine, hf):
     """A turn ends at the first stop id, included in the output, exactly as HFEngine does."""
-    from memact.policy.engines import SamplingParams
+    from memact.engines.base import SamplingParams
 
     model, tok, hf_engine = hf
     prompts = _prompts(tok)
@@ -103,7 +104,7 @@ def test_stop_token_is_kept_and_ends_the_turn(vllm_engine, hf):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_trainer(vllm_engine, hf, temperature):
-    from memact.policy.engines import SamplingParams
+    from memact.engines.base import SamplingParams
 
     model, tok, _ = hf
     prompts = _prompts(tok)
@@ -116,7 +117,7 @@ def test_sampled_logprobs_match_trainer(vllm_engine, hf, temperature):
 
 
 def test_too_long_prompt_fails_alone_and_sleep_is_a_noop_on_cpu(vllm_engine, hf):
-    from memact.policy.engines import SamplingParams
+    from memact.engines.base import SamplingParams
 
     _, tok, _ = hf
     gens = vllm_engine.generate([[5] * 600, [5, 6, 7]], SamplingParams(temperature=0.0, max_new_tokens=4))
@@ -140,7 +141,7 @@ def _sgd_step(model, tok):
 
 
 def _check_weight_push(engine, hf):
-    from memact.policy.engines import SamplingParams
+    from memact.engines.base import SamplingParams
 
     model, tok, hf_engine = hf
     prompts = _prompts(tok)

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from memact.policy.vllm_engine import (
+from memact.engines.vllm import (
     VLLMEngine,
     WeightSyncExtension,
     _safetensors_bytes,
@@ -21,7 +21,7 @@ def _named(model):
 
 @pytest.fixture(scope="module")
 def model():
-    from memact.policy.model import build_model
+    from memact.models.model import build_model
 
     return build_model("tiny", vocab_size=300)
 
@@ -94,7 +94,7 @@ def test_without_vllm_the_engine_says_how_to_install(tmp_path):
 def test_iter_zero3_params_gathers_whole_weights_bucket_by_bucket():
     """ZeRO-3 in one process (world size 1): whole tensors come out, shards stay sharded."""
     from memact.dcpo.distributed import init_env
-    from memact.policy.model import build_model
+    from memact.models.model import build_model
 
     init_env()
     import deepspeed

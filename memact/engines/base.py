@@ -1,0 +1,61 @@
+"""Rollout engines: one interface from token-id prompts to token-id outputs with log-probs.
+
+``Engine.generate(prompts, sampling) -> list[Generation]``: for each prompt (a list of
+token ids) the ids the policy produced and the sampling log-prob of each. The agent loop
+never sees text from an engine, only ids, which is what keeps rollouts token-exact.
+
+Implementations: ``memact.engines.hf.HFEngine`` (Hugging Face transformers),
+``memact.engines.scripted.ScriptedEngine``, ``memact.engines.vllm.VLLMEngine`` and
+``memact.engines.openai.OpenAIEngine`` (docs/engines.md).
+
+Engines that hold their own copy of the policy's weights also have
+``sync_weights(named_tensors)`` (:class:`SyncsWeights`): the trainer pushes its parameters
+after each update with one call, whichever engine it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample a turn."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy. Log-probs are of softmax(logits / T) (T=1 if greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables it."""
+    max_new_tokens: int = 128
+    """Longest turn, in tokens."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a turn (included in the output); empty means the engine's end of turn."""
+    seed: int | None = None
+    """Seed of the sampling RNG for this call (None: the engine's running generator)."""
+
+
+@dataclass
+class Generation:
+    """One engine output."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "stop"  # "stop" (a stop token) or "length" (max_new_tokens)
+    error: str | None = None  # set when the engine failed this prompt (e.g. a dead server)
+    prompt_tokens: int | None = None  # as counted by a remote server (its own tokenizer), if it said
+    completion_tokens: int | None = None  # likewise, for the output
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]: ...
+
+
+class SyncsWeights(Protocol):
+    """An engine with its own copy of the weights: the trainer pushes its parameters after an update."""
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...

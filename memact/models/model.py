@@ -1,0 +1,250 @@
+"""Policy models: tiny Qwen-architecture models built from a config, or any local checkpoint.
+
+Every command that takes a model takes a directory: the tiny models written by
+``memact new-model`` and a real checkpoint (e.g. Qwen2.5-14B-Instruct on a local path) go
+through the same ``load_policy``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Shape of a Qwen3-style decoder built from scratch."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 4096
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # about 1.2M parameters with the local tokenizer: 13k tok/s fwd+bwd fp32 on 2 cores.
+    "tiny": ModelPreset(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
+    # about 6M parameters: 3-4x slower, noticeably better recall.
+    "small": ModelPreset(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=768),
+    # several times "small": the stand-in for a much larger no-memory model.
+    "base": ModelPreset(hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, intermediate_size=1152),
+}
+
+
+def build_model(preset: str | ModelPreset, vocab_size: int, seed: int = 0, pad_token_id: int | None = None,
+                eos_token_id: int | None = None):
+    """A randomly initialised Qwen3ForCausalLM of the given preset."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.hidden_size // preset.num_heads,
+        max_position_embeddings=preset.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    import torch
+
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    return model
+
+
+WORD_GROUPS = ("id", "name", "value")  # the synthetic world's single-token word groups
+TYPE_GROUPS = ("id",)  # the word groups new_model gives a shared embedding direction (measured: ids)
+
+
+def world_token_groups(tokenizer, groups: tuple[str, ...] = TYPE_GROUPS) -> dict[str, list[int]]:
+    """Token ids of the synthetic world's single-token words, by group: ``id``, ``name``, ``value``."""
+    from memact.env.memory import ID_POOL
+    from memact.env.task import ATTRIBUTES, NAME_POOL
+
+    words = {"id": list(ID_POOL), "name": list(NAME_POOL), "value": [v for vs in ATTRIBUTES.values() for v in vs]}
+    unknown = set(groups) - set(WORD_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown word groups {sorted(unknown)}; choose from {', '.join(WORD_GROUPS)}")
+    out = {}
+    for g in groups:
+        ids = [tokenizer.convert_tokens_to_ids(w) for w in words[g]]
+        if any(i is None or i == tokenizer.unk_token_id for i in ids) or len(
+                tokenizer.encode(words[g][0], add_special_tokens=False)) != 1:
+            raise ValueError(f"the tokenizer has no single token for every {g} word (build it with `memact new-model`)")
+        out[g] = ids
+    return out
+
+
+def add_type_directions(model, groups: dict[str, list[int]], seed: int = 0) -> None:
+    """Add one shared random direction to the embedding rows of each group of tokens, in place.
+
+    A copy head has to attend to "a record id" before it can copy one. At initialisation the
+    512 id rows are independent random vectors; after the mqar warm-up stages they, and the
+    ~1,000 BPE rows the warm-up never trains, have drifted to one shared vector (cosine 0.83
+    between the ids' mean and those rows; per-id residual norm 0.18 against a shared norm
+    3.77, measured on the third round's mqar_all model). Nothing then marks an id as a kind of
+    its own, and a 1M-parameter model did not learn to copy them from their ``[id: ...]``
+    headers in 1,500 steps (copy accuracy 0.00). With one direction shared by all ids (norm:
+    the ids' mean row norm) the same run copied 0.71 by step 700 (docs/pretrain.md, "Third
+    round"). The direction is a type embedding, fixed only at initialisation; training moves
+    it like any other weight. With tied embeddings it also shifts the ids' output logits
+    together.
+    """
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for _, rows in sorted(groups.items()):
+            index = torch.tensor(rows, dtype=torch.long)
+            direction = torch.randn(emb.shape[1], generator=gen)
+            direction *= emb[index].norm(dim=1).mean() / direction.norm()
+            emb[index] += direction.to(emb.dtype)
+
+
+def redraw_rows(model, rows, seed: int = 0) -> dict[str, float]:
+    """Give each embedding row in ``rows`` a fresh random direction, in place; returns statistics.
+
+    A warm-up that feeds only some tokens (the copy recipe: names, values, record ids) leaves
+    the rows of every other token to the output softmax alone, which pushes them all the same
+    way: after ``mqar:12000,mqar_all:3000`` the 1,019 rows it never fed (the attribute words,
+    punctuation, digits, the chat-format pieces) sat at pairwise cosine 0.999, one vector.
+    SFT cannot separate them again: the 8 attribute words stayed at cosine 0.998 through SFT,
+    and a policy copied the question's attribute into its search query 0.067 of the time
+    (teacher-forced, 3 epochs), against 0.750 with the rows redrawn (docs/pretrain.md, "Fifth
+    round"). Each redrawn row is a Gaussian direction scaled to the median norm of the rows
+    not redrawn; the shared part is dropped. With tied embeddings the output rows change too.
+
+    Returns ``rows`` (how many), ``cos_before`` (their mean pairwise cosine before) and
+    ``norm`` (the norm given to each); both None when ``rows`` is empty.
+    """
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    index = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
+    if index.numel() == 0:
+        return {"rows": 0, "cos_before": None, "norm": None}  # None, not NaN: pretrain_config.json stays JSON
+    keep = torch.ones(emb.shape[0], dtype=torch.bool)
+    keep[index] = False
+    with torch.no_grad():
+        w = emb.detach().float().cpu()
+        unit = torch.nn.functional.normalize(w[index], dim=1)
+        n = unit.shape[0]
+        cos = ((unit.sum(0).pow(2).sum() - n) / (n * (n - 1))).item() if n > 1 else 1.0
+        norm = w[keep].norm(dim=1).median().item() if keep.any() else w.norm(dim=1).median().item()
+        gen = torch.Generator().manual_seed(seed + 11)
+        fresh = torch.randn(n, emb.shape[1], generator=gen)
+        fresh *= norm / fresh.norm(dim=1, keepdim=True)
+        emb[index.to(emb.device)] = fresh.to(device=emb.device, dtype=emb.dtype)
+    return {"rows": n, "cos_before": round(cos, 4), "norm": round(norm, 4)}
+
+
+def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024,
+              type_groups: tuple[str, ...] = TYPE_GROUPS) -> Path:
+    """Train a tokenizer on task text, build a random model, save both to ``out``.
+
+    ``type_groups``: word groups whose embeddings share a direction (:func:`add_type_directions`);
+    () for a plain random initialisation.
+    """
+    from memact.models.tokenizer import task_corpus, train_tokenizer
+
+    out = Path(out)
+    tokenizer = train_tokenizer(task_corpus(seed=seed), vocab_size=vocab_size)
+    model = build_model(
+        preset, vocab_size=len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if type_groups:
+        add_type_directions(model, world_token_groups(tokenizer, type_groups), seed=seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` (or None): ``cuda`` when torch sees a GPU, else ``cpu``; anything else as given,
+    checked, so that ``cuda`` on a machine without one is a clear error rather than a CUDA trace."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no GPU here (use cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def load_policy(path: str | os.PathLike, dtype=None, device: str = "cpu"):
+    """Model and tokenizer from a local directory (tiny or a real checkpoint); fp32 by default."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a model directory (no config.json); build one with "
+            "`memact new-model --preset tiny --out DIR` or pass a local checkpoint"
+        )
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh hidden sibling of ``out`` (``.NAME.partial``) to write a run into; a non-empty ``out`` is refused.
+
+    With :func:`publish` a run that stops half-way leaves ``out`` untouched.
+    """
+    import shutil
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(model, tokenizer, staging: Path, out: str | os.PathLike) -> Path:
+    """Save ``model`` and ``tokenizer`` into ``staging`` and rename it to ``out`` (empty or absent)."""
+    out = Path(out)
+    model.eval()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+        out.rmdir()  # staging_dir checked that it is empty
+    staging.replace(out)
+    return out
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
