@@ -234,13 +234,6 @@ class SFTConfig:
     """Time box: stop after the optimizer step during which this many minutes of training
     have passed, and save as usual (0: run every step of ``epochs``). The lr schedule is still
     laid out over every step, so a cut run ends before its schedule does."""
-    rehearsal: str = ""
-    """Copy warm-up episodes mixed into every step against forgetting (empty: none):
-    ``format:n:batch:seq_len[:loss]`` as in ``memact pretrain --stages`` without the steps,
-    e.g. ``idlist_mqar:1:4:128:copy``. Each step adds ``rehearsal_weight`` times that batch's
-    mean loss (docs/pretrain.md: SFT otherwise erased the warm-up's copy skills)."""
-    rehearsal_weight: float = 1.0
-    """Weight of the rehearsal loss against the SFT loss."""
 
 
 @dataclass
@@ -351,17 +344,6 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def rehearsal_stage(text: str):
-    """``sft.rehearsal`` text -> a copy warm-up :class:`~memact.warmup.copy.Stage`."""
-    from memact.warmup.copy import parse_stages
-
-    fmt, _, rest = text.partition(":")
-    if not rest or len(rest.split(":")) not in (3, 4):
-        raise ValueError("write format:n:batch:seq_len[:loss], e.g. idlist_mqar:1:4:128:copy")
-    (stage,) = parse_stages(f"{fmt}:1:{rest}")
-    return stage
-
-
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {expected}")
@@ -409,12 +391,6 @@ def validate(cfg: Config) -> None:
     _check(cfg.sft.epochs >= 1, "sft.epochs", cfg.sft.epochs, ">= 1")
     _check(cfg.sft.segments_per_step >= 1, "sft.segments_per_step", cfg.sft.segments_per_step, ">= 1")
     _check(cfg.sft.max_minutes >= 0, "sft.max_minutes", cfg.sft.max_minutes, ">= 0 (0: no limit)")
-    _check(cfg.sft.rehearsal_weight >= 0, "sft.rehearsal_weight", cfg.sft.rehearsal_weight, ">= 0")
-    if cfg.sft.rehearsal:
-        try:
-            rehearsal_stage(cfg.sft.rehearsal)
-        except ValueError as err:
-            raise ConfigError(f"sft.rehearsal={cfg.sft.rehearsal!r}: {err}") from None
     _check(cfg.run.steps >= 0, "run.steps", cfg.run.steps, ">= 0")
     _check(cfg.run.threads >= 1, "run.threads", cfg.run.threads, ">= 1")
     _check(cfg.run.save_every >= 0, "run.save_every", cfg.run.save_every, ">= 0")

@@ -33,6 +33,7 @@ from memact.dcpo.distributed import (
 from memact.dcpo.losses import aggregate
 from memact.dcpo.metrics import MetricsLogger, StepBar
 from memact.dcpo.modeling import load_for_training, token_logprobs
+from memact.engines.factory import pad_token_id
 
 
 def sft(cfg: Config) -> Path:
@@ -43,7 +44,7 @@ def sft(cfg: Config) -> Path:
         raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
     dist = start_process(cfg)
     model, tokenizer = load_for_training(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     steps = [item for epoch in range(cfg.sft.epochs) for item in epoch_steps(seqs, cfg, epoch)]
     engine = build_engine(model, cfg, total_steps=len(steps))
     staging = out.parent / f".{out.name}.partial"
@@ -54,7 +55,6 @@ def sft(cfg: Config) -> Path:
         print(f"[memact] SFT: {len(seqs)} segments, {sum(s.n_trained for s in seqs)} trained tokens | "
               f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()} | bf16 {engine.bfloat16_enabled()}",
               flush=True)
-    rehearse = Rehearsal(cfg, tokenizer, dist) if cfg.sft.rehearsal else None
     log = MetricsLogger(staging, cfg, dist.is_main)
     log.table_every = 0  # one line per step is enough for SFT
     bar = StepBar(len(steps), cfg.logging.progress and dist.is_main, "sft")
@@ -63,11 +63,10 @@ def sft(cfg: Config) -> Path:
         for step, (epoch, chunk) in enumerate(steps):
             t0, lr = time.perf_counter(), engine.get_lr()[0]
             mine = chunk[dist.rank::dist.world_size]  # data parallel: ranks split each step's segments
-            loss, tokens, fed, grad_norm, extra = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist,
-                                                           rehearse)
+            loss, tokens, fed, grad_norm = sft_step(engine, [seqs[i] for i in mine], cfg, pad_id, dist)
             dt = time.perf_counter() - t0
             log.log({"step": step, "epoch": epoch, "loss": loss, "tokens": tokens, "lr": lr,
-                     "grad_norm": grad_norm, "tok_s": fed / dt, "step_s": dt, **extra})
+                     "grad_norm": grad_norm, "tok_s": fed / dt, "step_s": dt})
             bar.update(step + 1, f"epoch {epoch} loss {loss:.4f}")
             if cfg.sft.max_minutes and step + 1 < len(steps) and time_up(start, cfg.sft.max_minutes, dist):
                 if dist.is_main:
@@ -110,34 +109,13 @@ def epoch_steps(seqs: list[TrainSequence], cfg: Config, epoch: int) -> list[tupl
     return [(epoch, order[i:i + n]) for i in range(0, len(order), n)]
 
 
-class Rehearsal:
-    """``sft.rehearsal``: one batch of copy warm-up episodes per step, seeded per rank."""
-
-    def __init__(self, cfg: Config, tokenizer, dist: DistInfo):
-        from memact.dcpo.config import rehearsal_stage
-
-        self.stage, self.tok, self.weight = rehearsal_stage(cfg.sft.rehearsal), tokenizer, cfg.sft.rehearsal_weight
-        self.rng = random.Random(cfg.run.seed * 7_919 + 17 + dist.rank)
-
-    def backward(self, engine) -> float:
-        """Add this step's rehearsal gradient to the engine's; returns the (unweighted) loss."""
-        from memact.warmup.copy import copy_loss, make_batch
-
-        s = self.stage
-        x, m, kind = (t.to(engine.device) for t in make_batch(s.format, s.n, self.rng, self.tok, s.batch, s.seq_len))
-        loss = copy_loss(engine, x, m, kind, s.loss)
-        engine.backward(loss * self.weight, scale_wrt_gas=False)  # DeepSpeed averages the ranks' batches
-        return loss.item()
-
-
-def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: DistInfo,
-             rehearse: Rehearsal | None = None) -> tuple[float, int, int, float, dict]:
+def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: DistInfo
+             ) -> tuple[float, int, int, float]:
     """One optimizer step of token-mean cross-entropy over ``seqs``, accumulated over micro-batches.
 
     Returns:
         (loss in nats per trained token, trained tokens, real tokens fed to the model, gradient
-        norm, extra metrics), all over every rank; with ``rehearse`` its batch's loss is added
-        to the step's gradient and reported as ``rehearsal_loss``.
+        norm), all over every rank.
     """
     mbs = [mb.to(engine.device) for mb in
            micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, pad_id, cfg.batch.pad_to_multiple_of)]
@@ -148,9 +126,6 @@ def sft_step(engine, seqs: list[TrainSequence], cfg: Config, pad_id: int, dist: 
         loss = logp.sum() * 0.0 if is_idle(mb) else aggregate(-logp, mb.loss_mask, "token_mean", norm)
         engine.backward(loss * dist.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
         total += loss.item()
-    extra = {}
-    if rehearse is not None:
-        extra["rehearsal_loss"] = all_reduce_sum([rehearse.backward(engine)], dist.world_size)[0] / dist.world_size
     grad_norm = optimizer_step(engine)
     total, fed = all_reduce_sum([total, sum(mb.n_real_tokens for mb in mbs)], dist.world_size)
-    return total, norm.token_count, int(fed), grad_norm, extra
+    return total, norm.token_count, int(fed), grad_norm

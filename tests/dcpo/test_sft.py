@@ -1,7 +1,6 @@
 """SFT: loss falls on scripted segments; bad input stops before anything is written."""
 
 import json
-import re
 
 import pytest
 from conftest import MICRO
@@ -46,22 +45,6 @@ def test_max_minutes_stops_early_and_saves(micro_model_dir, scripted_jsonl, tmp_
     assert (out / "config.json").exists() and not list(tmp_path.glob(".*partial"))
     with pytest.raises(SystemExit, match="sft.max_minutes"):
         main(_sft_args(scripted_jsonl, tmp_path / "bad", micro_model_dir, "sft.max_minutes=-1"))
-
-
-def test_rehearsal_adds_copy_batches_to_every_step(micro_model_dir, scripted_jsonl, tmp_path):
-    from memact.dcpo.cli_train import main
-
-    out = tmp_path / "sft"
-    rc = main(_sft_args(scripted_jsonl, out, micro_model_dir, "sft.epochs=1", "sft.segments_per_step=8",
-                        "sft.rehearsal=idlist_mqar:1:2:128:copy", "sft.rehearsal_weight=0.5"))
-    assert rc == 0
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert rows and all(r["rehearsal_loss"] > 0 for r in rows)
-    for bad, message in [("idlist_mqar:1:2", "format:n:batch:seq_len"), ("nope:1:2:128", "not one of"),
-                         ("idlist:1:2:128:some", "loss must be one of")]:
-        with pytest.raises(SystemExit, match=r"sft\.rehearsal.*" + re.escape(message)):
-            main(_sft_args(scripted_jsonl, tmp_path / "bad", micro_model_dir, f"sft.rehearsal={bad}"))
-        assert not (tmp_path / "bad").exists()
 
 
 def _write(path, rows):
