@@ -29,7 +29,7 @@ Timed, per round (tokens = 8 x 384 = 3,072 real tokens; tok/s = tokens / seconds
   -> ``accelerator.clip_grad_norm_(1.0)`` -> ``optimizer.step()`` -> ``zero_grad``
   (the trainer's own AdamW from ``create_optimizer``); generation and reward are not timed;
 - memact: ``memact.dcpo.trainer.update`` on ``pack_mini_batches`` micro-batches through the
-  DeepSpeed engine (ZeRO 0 on one CPU process, ``build_engine``): log-probs of the trained
+  DeepSpeed engine (ZeRO 0 on one CPU process, ``init_deepspeed``): log-probs of the trained
   tokens, DCPO loss, ``engine.backward``, ``engine.step`` (clip + AdamW + LR schedule).
 
 1 torch thread, fp32. Within a worker plain and update rounds alternate after one warm-up of
@@ -151,7 +151,7 @@ def worker_memact(args) -> dict:
 
     from memact.dcpo.config import load_config
     from memact.dcpo.data import TrainSequence
-    from memact.dcpo.distributed import DistInfo, build_engine, start_process
+    from memact.dcpo.distributed import DistInfo, init_deepspeed, start_process
     from memact.dcpo.modeling import frozen_reference, load_for_training
     from memact.dcpo.trainer import fill_old_and_ref_logprobs, pack_mini_batches, update
 
@@ -168,7 +168,7 @@ def worker_memact(args) -> dict:
     seqs = [TrainSequence(tokens=ids[i].tolist(), prompt_len=PROMPT, loss_mask=[1] * COMPLETION,
                           rollout_logprobs=[0.0] * COMPLETION, advantage=float(adv[i]), traj_id=i, group=0)
             for i in range(N_SEQ)]
-    engine = build_engine(model, cfg)
+    engine = init_deepspeed(model, cfg)
     torch.set_num_threads(args.threads)
     minis = pack_mini_batches(seqs, cfg, tok.pad_token_id, "cpu")
     fill_old_and_ref_logprobs(engine, frozen_reference(engine.module, cfg), minis, cfg)

@@ -40,7 +40,7 @@ def main() -> None:
     from memact.agent.rollout import rollout
     from memact.dcpo.config import load_config
     from memact.dcpo.data import TrainSequence, micro_batches
-    from memact.dcpo.distributed import DistInfo, build_engine, start_process
+    from memact.dcpo.distributed import DistInfo, init_deepspeed, start_process
     from memact.dcpo.modeling import load_for_training
     from memact.dcpo.trainer import fill_old_and_ref_logprobs, update
     from memact.trajectory import segment_trajectory
@@ -53,7 +53,7 @@ def main() -> None:
     seqs = [TrainSequence.from_segment(s, advantage=1.0 if i % 2 else -1.0, traj_id=i)
             for i, t in enumerate(trajs) for s in segment_trajectory(t.calls)]
     model, tok = load_for_training(cfg)
-    engine = build_engine(model, cfg)
+    engine = init_deepspeed(model, cfg)
     mbs = micro_batches(seqs, cfg.batch.max_tokens_per_micro_batch, tok.pad_token_id, cfg.batch.pad_to_multiple_of)
     from memact.dcpo.modeling import frozen_reference
 

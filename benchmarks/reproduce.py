@@ -272,11 +272,12 @@ def _data(path: Path, policy: str, plan: dict[int, int], seed: int) -> Path:
 def _eval_one(policy: str, strategy: str, name: str, out: str, n: int, seed: int) -> tuple[str, float]:
     """One system at every K (a worker process: one torch thread) -> (its directory, seconds)."""
     os.environ.setdefault("MEMACT_THREADS", "1")
-    from memact.cli import _quiet_hf_progress_bars, _set_threads
+    from memact.cli import _quiet_hf_progress_bars
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
     from memact.eval.evaluate import EvalSpec, System, evaluate
+    from memact.util.threads import set_threads
 
-    _set_threads()
+    set_threads()
     _quiet_hf_progress_bars()
     spec = EvalSpec([System(policy, strategy, name)], list(EVAL_K), n=n, seed=seed,
                     budget=Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS))
@@ -340,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
 
-    from memact.cli import _quiet_hf_progress_bars, _set_threads
+    from memact.cli import _quiet_hf_progress_bars
     from memact.eval.report import write_report
+    from memact.util.threads import set_threads
 
     p = PRESETS[args.preset]
     large = not args.skip_large
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.resume:
             raise SystemExit(f"reproduce: {out} is not empty; pass --resume to go on with it or --fresh to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    _set_threads()
+    set_threads()
     _quiet_hf_progress_bars()
     ledger = Ledger(out)
     for stage, path in reuse.items():

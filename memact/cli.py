@@ -69,21 +69,6 @@ def _quiet_hf_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _set_threads() -> None:
-    """torch CPU threads: ``$MEMACT_THREADS``, else 1 on small machines.
-
-    Measured here: on 2 cores shared with any other work, 2 threads made tiny-model
-    generation 5-25x slower than 1 (shared/design/FACTS.md says the same of training).
-    """
-    import torch
-
-    threads = os.environ.get("MEMACT_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    elif (os.cpu_count() or 1) <= 4:
-        torch.set_num_threads(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -94,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "research":  # the research loop never loads a model in this process
         _quiet_deepspeed_probe()
         _quiet_hf_progress_bars()
-        _set_threads()
+        from memact.util.threads import set_threads
+
+        set_threads()
     result = args.func(args)
     return int(result or 0)
 

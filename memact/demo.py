@@ -71,10 +71,11 @@ class _Clock:
 def _rollouts(policy: str, plan: dict[int, int], seed: int, path: Path) -> dict[str, float]:
     from memact.agent.rollout import rollout
     from memact.trajectory import to_json, trajectory_stats, write_jsonl
+    from memact.util.seeds import derive_seed
 
     rows, rewards = [], []
     for k, n in plan.items():
-        trajs = rollout(policy, k, n, seed=seed + 1000 * k, progress=False)
+        trajs = rollout(policy, k, n, seed=derive_seed(seed, "demo_rollouts", 1000 * k), progress=False)
         rows += [to_json(t) for t in trajs]
         rewards.append(trajectory_stats(trajs)["reward_mean"])
     write_jsonl(path, rows)

@@ -286,7 +286,7 @@ def trajectory_columns(trajs: Sequence[Trajectory]) -> dict[str, list[float]]:
         "memory_actions": [x["memory_actions"] for x in m],
         "overflow": [float(x["overflow"]) for x in m],
         "steps": [x["steps"] for x in m],
-        "tokens": [x["total_input_tokens"] + x["total_output_tokens"] for x in m],
+        "total_tokens": [x["total_input_tokens"] + x["total_output_tokens"] for x in m],
         "gen_tokens": [sum(len(c.output_ids) for c in t.calls) for t in trajs],
         "failed": [float(t.error is not None) for t in trajs],
     }
@@ -299,7 +299,7 @@ def trajectory_stats(trajs: Sequence[Trajectory] | dict[str, list[float]]) -> di
     Keys: ``episodes``; ``reward_mean``, ``reward_std``; ``accuracy`` (share of sub-questions
     answered right); ``context_mean`` (mean prompt length of a call); ``context_peak_mean`` and
     ``context_peak_max`` (an episode's largest context); ``memory_actions``; ``overflow_rate``;
-    ``steps`` (turns); ``tokens`` (input + output over all calls); ``gen_tokens`` (sum of
+    ``steps`` (turns); ``total_tokens`` (input + output over all calls); ``gen_tokens`` (sum of
     generated tokens); ``failed`` (episodes an engine error ended, a count).
     """
     c = trajs if isinstance(trajs, dict) else trajectory_columns(trajs)
@@ -314,7 +314,7 @@ def trajectory_stats(trajs: Sequence[Trajectory] | dict[str, list[float]]) -> di
         "memory_actions": mean(c["memory_actions"]),
         "overflow_rate": mean(c["overflow"]),
         "steps": mean(c["steps"]),
-        "tokens": mean(c["tokens"]),
+        "total_tokens": mean(c["total_tokens"]),
         "gen_tokens": sum(c["gen_tokens"]),
         "failed": int(sum(c["failed"])),
     }

@@ -145,6 +145,6 @@ def test_stats_summarise_a_batch():
     s = trajectory_stats([a, b])
     assert s["episodes"] == 2 and s["reward_mean"] == 0.5 and s["accuracy"] == 0.25
     assert s["context_peak_max"] == 9 and s["context_peak_mean"] == 6.5 and s["overflow_rate"] == 0.5
-    assert s["memory_actions"] == 1.0 and s["gen_tokens"] == 3 and s["failed"] == 1 and s["tokens"] == 8.0
+    assert s["memory_actions"] == 1.0 and s["gen_tokens"] == 3 and s["failed"] == 1 and s["total_tokens"] == 8.0
     assert trajectory_stats(trajectory_columns([a, b])) == s
     assert trajectory_stats([])["episodes"] == 0

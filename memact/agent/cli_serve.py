@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memact.models.model import DTYPES
+
 if TYPE_CHECKING:
     from memact.engines.serve import ChatBackend
 
@@ -27,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients send as 'model' (default: MODEL_DIR as given)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
     p.add_argument("--max-batch-size", type=int, default=32, help="most requests in one engine call")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for the scripted expert")
     p.add_argument("--objectives", "-k", type=int, default=2, help="scripted: sub-questions per task")
@@ -88,14 +90,13 @@ def load_backend(model: str, *, served_model_name: str | None = None, dtype: str
     if not (path / "config.json").is_file():
         raise SystemExit(f"memact serve {model!r}: not a model directory (no config.json), 'scripted', "
                          "'scripted-plan' or 'scripted-nomem'")
-    import torch
 
     from memact.engines.factory import build_engine
-    from memact.models.model import load_policy
+    from memact.models.model import load_policy, torch_dtype
 
-    if dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"--dtype {dtype!r}: expected float32 or bfloat16")
-    model_obj, tok = load_policy(path, dtype=getattr(torch, dtype))
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    model_obj, tok = load_policy(path, dtype=torch_dtype(dtype))
     engine = build_engine("hf", model_obj, tok, max_batch_size=max_batch_size)
     max_context = getattr(model_obj.config, "max_position_embeddings", None)
     return ChatBackend(engine, tok, served_model_name or str(model), max_context=max_context,

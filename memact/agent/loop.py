@@ -17,6 +17,7 @@ from memact.env.task import Task
 from memact.env.tools import AgentEnv, StepResult
 from memact.models.chatml import IM_END, IM_START, SYSTEM_PROMPT, SYSTEM_PROMPT_NO_MEMORY, parse_action
 from memact.trajectory import Call, Trajectory
+from memact.util.seeds import derive_seed
 
 
 class Episode:
@@ -147,7 +148,7 @@ def run_episodes(
         budget: context and step limits.
         strategy: how context is managed (``memact``, ``full``, ``sliding_window``,
             ``summarize``; a :class:`Strategy` or its spec string).
-        seed: episode i seeds its record ids with ``seed + i``.
+        seed: episode i seeds its record ids from the ``episode`` stream of ``memact.util.seeds``.
         groups: group index of each task (trajectories of one prompt share it).
         progress: show a progress bar on stderr.
     """
@@ -156,7 +157,7 @@ def run_episodes(
     strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
     budget = budget or Budget()
     groups = groups if groups is not None else list(range(len(tasks)))
-    episodes = [Episode(t, renderer, seed + i, strategy, budget, g) for i, (t, g) in enumerate(zip(tasks, groups))]
+    episodes = [Episode(t, renderer, derive_seed(seed, "episode", i), strategy, budget, g) for i, (t, g) in enumerate(zip(tasks, groups))]
     bar = _Progress(len(episodes), enabled=progress)
     try:
         while True:

@@ -21,7 +21,7 @@ from memact.agent.strategies import parse_strategy
 from memact.engines.base import SamplingParams
 from memact.engines.factory import build_engine
 from memact.engines.scripted import ScriptedEngine
-from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
+from memact.env.memory import Budget
 from memact.env.task import Task, make_tasks
 from memact.trajectory import Trajectory
 from memact.util.holds import hold
@@ -96,7 +96,7 @@ def rollout(policy: str, objectives: int, n: int, seed: int = 0, budget: Budget 
     with hold(policy):  # a checkpoint of a running DCPO job is not rotated away meanwhile
         handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed, memory=st.memory_tool)
         renderer = ChatRenderer(handle.tokenizer)
-        budget = budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
+        budget = budget or Budget()
         sampling = sampling or SamplingParams()
         return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, strategy=st, seed=seed,
                             progress=progress)

@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("float32", "bfloat16")
-SEGMENT_SAMPLING = ("all", "round_robin")
-LOSS_AGG = ("token_mean", "trajectory", "seq_mean")
-ADV_NORMS = ("std", "none")
-ADV_ESTIMATORS = ("grpo", "rloo")
+from memact.dcpo.advantages import ESTIMATORS, NORMS
+from memact.dcpo.losses import AGG_MODES
+from memact.dcpo.sampling import MODES as SEGMENT_SAMPLING
+from memact.dcpo.schedules import SCHEDULES
+from memact.engines.factory import ENGINES
+from memact.env.curriculum import CURRICULUM_MODES
+from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
+from memact.models.model import DTYPES
 
 
 @dataclass
@@ -176,10 +179,10 @@ class RolloutConfig:
     """Nucleus sampling mass; 1.0 keeps the policy's distribution (the ratio needs it)."""
     max_new_tokens: int = 128
     """Longest assistant turn, in tokens."""
-    context_budget: int = 1040
+    context_budget: int = DEFAULT_CONTEXT_BUDGET
     """Largest context of one call, in tokens (published: 20K); breaking it ends the episode
     with the penalty reward."""
-    max_steps: int = 40
+    max_steps: int = DEFAULT_MAX_STEPS
     """Step budget of one EPISODE: the most agent turns (generation calls) before it ends with
     the penalty reward (published: 40). Not the number of training steps (``run.steps``)."""
     strategy: str = "memact"
@@ -187,6 +190,9 @@ class RolloutConfig:
     ``full``, ``sliding_window[:K]`` or ``summarize[:F]`` (baselines; see memact.agent.strategies)."""
     max_batch_size: int = 64
     """Prompts per engine forward pass."""
+    engine: str = "hf"
+    """Rollout engine (``memact.engines.factory.ENGINES``): ``hf``, Hugging Face transformers on the
+    module DeepSpeed trains (no weight copy)."""
 
 
 @dataclass
@@ -247,9 +253,10 @@ class RunConfig:
     optimizer steps). Not the per-episode turn budget (``rollout.max_steps``)."""
     seed: int = 0
     """Seed of tasks, record ids, sampling, segment choice and shuffling."""
-    threads: int = 1
-    """torch CPU threads. On a 2-core machine shared with other work, 1 thread measured about
-    3x faster than 2 for the tiny model's forward+backward; raise it on an idle or larger CPU."""
+    threads: int = 0
+    """torch CPU threads; 0: ``$MEMACT_THREADS``, else 1 on machines with up to 4 cores
+    (``memact.util.threads``: on 2 shared cores 1 thread trained the tiny model about 3x faster
+    than 2); raise it on an idle or larger CPU."""
     save_every: int = 0
     """Checkpoint every this many steps; 0 saves only at the end."""
     keep_checkpoints: int = 2
@@ -355,7 +362,7 @@ def validate(cfg: Config) -> None:
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     _check(o.lr > 0, "optim.lr", o.lr, "> 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
-    _check(o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule, "'constant' or 'cosine'")
+    _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"one of {SCHEDULES}")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
     _check(b.max_seq_len >= 2, "batch.max_seq_len", b.max_seq_len, ">= 2")
@@ -365,8 +372,9 @@ def validate(cfg: Config) -> None:
            b.max_tokens_per_micro_batch, f">= batch.max_seq_len ({b.max_seq_len}) so every sequence fits")
     _check(r.objectives >= 1, "rollout.objectives", r.objectives, ">= 1")
     _check(all(int(k) >= 1 for k in r.curriculum), "rollout.curriculum", r.curriculum, "a list of K >= 1")
-    _check(r.curriculum_mode in ("stages", "mixed"), "rollout.curriculum_mode", r.curriculum_mode,
-           "'stages' or 'mixed'")
+    _check(r.curriculum_mode in CURRICULUM_MODES, "rollout.curriculum_mode", r.curriculum_mode,
+           f"one of {CURRICULUM_MODES}")
+    _check(r.engine in ENGINES, "rollout.engine", r.engine, f"one of {ENGINES}")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1")
     _check(r.n_traj >= 1, "rollout.n_traj", r.n_traj, ">= 1 (>= 2 for a non-zero advantage)")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0 (0 is greedy)")
@@ -380,9 +388,9 @@ def validate(cfg: Config) -> None:
     _check(d.segment_sampling in SEGMENT_SAMPLING, "dcpo.segment_sampling", d.segment_sampling,
            f"one of {SEGMENT_SAMPLING}")
     _check(d.n_seg >= 1, "dcpo.n_seg", d.n_seg, ">= 1")
-    _check(d.adv_norm in ADV_NORMS, "dcpo.adv_norm", d.adv_norm, f"one of {ADV_NORMS}")
-    _check(d.adv_estimator in ADV_ESTIMATORS, "dcpo.adv_estimator", d.adv_estimator, f"one of {ADV_ESTIMATORS}")
-    _check(d.loss_agg in LOSS_AGG, "dcpo.loss_agg", d.loss_agg, f"one of {LOSS_AGG}")
+    _check(d.adv_norm in NORMS, "dcpo.adv_norm", d.adv_norm, f"one of {NORMS}")
+    _check(d.adv_estimator in ESTIMATORS, "dcpo.adv_estimator", d.adv_estimator, f"one of {ESTIMATORS}")
+    _check(d.loss_agg in AGG_MODES, "dcpo.loss_agg", d.loss_agg, f"one of {AGG_MODES}")
     _check(d.clip_low >= 0 and d.clip_high >= 0, "dcpo.clip_low/clip_high", (d.clip_low, d.clip_high), ">= 0")
     _check(d.kl_coef >= 0, "dcpo.kl_coef", d.kl_coef, ">= 0")
     _check(d.ppo_epochs >= 1, "dcpo.ppo_epochs", d.ppo_epochs, ">= 1")
@@ -392,7 +400,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.sft.segments_per_step >= 1, "sft.segments_per_step", cfg.sft.segments_per_step, ">= 1")
     _check(cfg.sft.max_minutes >= 0, "sft.max_minutes", cfg.sft.max_minutes, ">= 0 (0: no limit)")
     _check(cfg.run.steps >= 0, "run.steps", cfg.run.steps, ">= 0")
-    _check(cfg.run.threads >= 1, "run.threads", cfg.run.threads, ">= 1")
+    _check(cfg.run.threads >= 0, "run.threads", cfg.run.threads, ">= 0 (0: $MEMACT_THREADS or the machine default)")
     _check(cfg.run.save_every >= 0, "run.save_every", cfg.run.save_every, ">= 0")
     zs = cfg.deepspeed.zero_stage
     _check(zs is None or zs in (0, 1, 2, 3), "deepspeed.zero_stage", zs, "None or 0-3")

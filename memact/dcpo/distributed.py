@@ -1,7 +1,7 @@
 """DeepSpeed set-up shared by the SFT and DCPO trainers.
 
 One process on a CPU and N processes under the ``deepspeed`` launcher go through the same
-``build_engine``. Gradient accumulation is ours, not DeepSpeed's: micro-batches are packed by
+``init_deepspeed``. Gradient accumulation is ours, not DeepSpeed's: micro-batches are packed by
 a token budget, so their number changes from step to step. DeepSpeed runs with
 ``managed_gradient_accumulation: false``: each ``engine.backward`` only accumulates, and
 ``engine.step()`` is the boundary (reduce, clip, update, scheduler step). The losses passed
@@ -23,6 +23,8 @@ import torch
 from memact.dcpo.config import Config, ConfigError, resolve_path
 from memact.dcpo.data import MicroBatch, TrainSequence, collate
 from memact.dcpo.losses import StepNormalizer
+from memact.dcpo.schedules import lr_multiplier
+from memact.util.threads import set_threads
 
 
 @dataclass
@@ -57,7 +59,7 @@ def start_process(cfg: Config) -> DistInfo:
     import random
 
     dist = init_env()
-    torch.set_num_threads(cfg.run.threads)
+    set_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     return dist
@@ -145,40 +147,15 @@ def zero3_init(cfg: Config):
         del keep_alive
 
 
-def warmup_then_constant(warmup_steps: int):
-    """LR multiplier at optimizer step s: (s + 1) / warmup during warm-up, then 1.
-
-    Starting at 1/warmup rather than 0 so the first step is not wasted.
-    """
-    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def warmup_then_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """LR multiplier: the same warm-up, then a cosine from 1 down to ``min_ratio`` at step ``total_steps - 1``."""
-    warm = warmup_then_constant(warmup_steps)
-    span = max(1, total_steps - 1 - warmup_steps)
-
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return warm(s)
-        t = min(1.0, (s - warmup_steps) / span)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
-
-
 def lr_lambda(cfg: Config, total_steps: int | None):
+    """The LR multiplier of ``optim.schedule`` at each optimizer step."""
     o = cfg.optim
-    if o.schedule == "constant":
-        return warmup_then_constant(o.warmup_steps)
-    if o.schedule == "cosine":
-        if not total_steps:
-            raise ConfigError("optim.schedule=cosine needs the run's number of optimizer steps")
-        return warmup_then_cosine(o.warmup_steps, total_steps, o.min_lr_ratio)
-    raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+    if o.schedule == "cosine" and not total_steps:
+        raise ConfigError("optim.schedule=cosine needs the run's number of optimizer steps")
+    return lr_multiplier(o.schedule, o.warmup_steps, total_steps or 0, o.min_lr_ratio)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, total_steps: int | None = None) -> Any:
+def init_deepspeed(model: torch.nn.Module, cfg: Config, total_steps: int | None = None) -> Any:
     """``deepspeed.initialize`` with a torch AdamW (no fused-Adam JIT build) and the LR schedule.
 
     ``total_steps`` (optimizer steps of the whole run) is needed by ``optim.schedule=cosine``.

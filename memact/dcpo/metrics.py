@@ -7,13 +7,19 @@ plus ``step``; the names are explained in docs/training.md.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memact.dcpo.config import Config, to_yaml
+from memact.dcpo.data import MicroBatch, TrainSequence
+from memact.dcpo.distributed import DistInfo
+from memact.trajectory import Segment, Trajectory, trajectory_columns, trajectory_stats
+from memact.util.stats import mean, std
 
 # Shown in the console table, in this order (everything goes to the JSONL file).
 TABLE_KEYS = (
@@ -21,17 +27,6 @@ TABLE_KEYS = (
     "grad_norm", "logprob_mismatch_mean", "logprob_mismatch_max", "segments_per_traj", "context_mean",
     "context_peak", "rollout_tok_s", "update_tok_s", "step_s",
 )
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 class MetricsLogger:
@@ -156,3 +151,105 @@ class StepBar:
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+# ----------------------------------------------------------------------------- a DCPO step's row
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    pg_loss: float = 0.0
+    clipped_tokens: int = 0
+    kl_sum: float = 0.0
+    entropy_sum: float = 0.0
+    ratio_max: float = 0.0
+    tokens: int = 0  # trained tokens, summed over optimizer steps
+    fed_tokens: int = 0  # real tokens through forward+backward
+    grad_norms: list[float] | None = None
+    optimizer_steps: int = 0
+    micro_batches: int = 0
+
+
+
+def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, segments: list[list[Segment]],
+                 seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, lr: float,
+                 t_rollout: float, t_update: float, t_step: float, dist: DistInfo | None = None) -> dict[str, float]:
+    """One row of metrics.jsonl (names explained in docs/training.md), over every rank's
+    trajectories and updates (rank 0's wall times)."""
+    diffs = [mb.rollout_logprobs[mb.loss_mask] - mb.old_logprobs[mb.loss_mask] for mbs in minis for mb in mbs]
+    diff = torch.cat(diffs).abs() if diffs else torch.zeros(0)
+    part = {  # this rank's share: lists are concatenated over ranks, numbers summed (maxima: max)
+        **trajectory_columns(trajs),
+        "adv": traj_adv.tolist(),
+        "segments": [len(s) for s in segments],
+        "segments_trained": len(seqs),
+        "loss": stats.loss,  # each rank's share of the step's globally normalised loss
+        "pg_loss": stats.pg_loss,
+        "clipped_tokens": stats.clipped_tokens,
+        "kl_sum": stats.kl_sum,
+        "entropy_sum": stats.entropy_sum,
+        "tokens": stats.tokens,
+        "fed_tokens": stats.fed_tokens,
+        "micro_batches": stats.micro_batches,
+        "diff_sum": float(diff.sum()),
+        "diff_n": diff.numel(),
+        "diff_max": float(diff.max()) if diff.numel() else 0.0,
+        "ratio_max": stats.ratio_max,
+    }
+    a = gather_parts(part, dist or DistInfo(0, 1, 0))
+    adv, tokens = a["adv"], max(a["tokens"], 1)
+    traj = trajectory_stats(a)  # reads the trajectory columns of the gathered parts
+    return {
+        "step": step,
+        "reward_mean": traj["reward_mean"],
+        "reward_std": traj["reward_std"],
+        "accuracy": traj["accuracy"],
+        "adv_mean": mean(adv),
+        "adv_std": std(adv),
+        "adv_abs_mean": mean([abs(x) for x in adv]),
+        "adv_zero_frac": mean([float(x == 0) for x in adv]),
+        "loss": a["loss"],
+        "pg_loss": a["pg_loss"],
+        "clip_fraction": a["clipped_tokens"] / tokens,
+        "ratio_max": a["ratio_max"],
+        "kl": a["kl_sum"] / tokens,
+        "entropy": a["entropy_sum"] / tokens,
+        "grad_norm": mean(stats.grad_norms or []),  # already global
+        "lr": lr,  # the rate of this step's first update
+        "logprob_mismatch_mean": a["diff_sum"] / a["diff_n"] if a["diff_n"] else 0.0,
+        "logprob_mismatch_max": a["diff_max"],
+        "segments_per_traj": mean(a["segments"]),
+        "segments_trained": a["segments_trained"],
+        "micro_batches": a["micro_batches"],
+        "optimizer_steps": stats.optimizer_steps,
+        "trained_tokens": a["tokens"],
+        "context_mean": traj["context_mean"],
+        "context_peak": traj["context_peak_max"],
+        "memory_actions": traj["memory_actions"],
+        "overflow_rate": traj["overflow_rate"],
+        "turns": traj["steps"],
+        "rollout_tok_s": traj["gen_tokens"] / max(t_rollout, 1e-9),
+        "update_tok_s": a["fed_tokens"] / max(t_update, 1e-9),
+        "rollout_s": t_rollout,
+        "update_s": t_update,
+        "step_s": t_step,
+    }
+
+
+def gather_parts(part: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """Every rank's ``part`` combined: lists concatenated, ``*_max`` by max, other numbers summed."""
+    if dist.world_size == 1:
+        return part
+    parts: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, part)
+    out: dict[str, Any] = {}
+    for key, value in part.items():
+        values = [p[key] for p in parts]
+        if isinstance(value, list):
+            out[key] = [x for v in values for x in v]
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values)
+    return out

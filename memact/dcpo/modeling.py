@@ -16,6 +16,7 @@ import torch
 from memact.dcpo.config import Config, ConfigError
 from memact.dcpo.data import MicroBatch
 from memact.dcpo.distributed import deepspeed_config, zero3_init, zero_stage
+from memact.models.model import torch_dtype
 
 
 def core_model(model: Any) -> Any:
@@ -37,7 +38,7 @@ def _load_weights(cfg: Config) -> Any:
             f"model.path={cfg.model.path!r} is not a model directory (no config.json); build one with "
             "`memact new-model --preset tiny --out DIR` or point it at a local checkpoint"
         )
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(cfg.model.dtype)
     with zero3_init(cfg):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                     attn_implementation=cfg.model.attn_implementation)

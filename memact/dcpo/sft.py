@@ -23,7 +23,7 @@ from memact.dcpo.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    build_engine,
+    init_deepspeed,
     is_idle,
     lockstep,
     optimizer_step,
@@ -34,6 +34,7 @@ from memact.dcpo.losses import aggregate
 from memact.dcpo.metrics import MetricsLogger, StepBar
 from memact.dcpo.modeling import load_for_training, token_logprobs
 from memact.engines.factory import pad_token_id
+from memact.util.seeds import derive_seed
 
 
 def sft(cfg: Config) -> Path:
@@ -46,7 +47,7 @@ def sft(cfg: Config) -> Path:
     model, tokenizer = load_for_training(cfg)
     pad_id = pad_token_id(tokenizer)
     steps = [item for epoch in range(cfg.sft.epochs) for item in epoch_steps(seqs, cfg, epoch)]
-    engine = build_engine(model, cfg, total_steps=len(steps))
+    engine = init_deepspeed(model, cfg, total_steps=len(steps))
     staging = out.parent / f".{out.name}.partial"
     if dist.is_main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -104,7 +105,7 @@ def epoch_steps(seqs: list[TrainSequence], cfg: Config, epoch: int) -> list[tupl
     """The epoch's optimizer steps: (epoch, segment indices), shuffled by (seed, epoch)."""
     order = list(range(len(seqs)))
     if cfg.sft.shuffle:
-        random.Random(cfg.run.seed * 1_009 + epoch).shuffle(order)
+        random.Random(derive_seed(cfg.run.seed, "sft_shuffle", epoch)).shuffle(order)
     n = cfg.sft.segments_per_step
     return [(epoch, order[i:i + n]) for i in range(0, len(order), n)]
 

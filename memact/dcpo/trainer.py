@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from memact.dcpo.config import Config, DCPOConfig, RolloutConfig, to_yaml
 from memact.dcpo.data import MicroBatch, TrainSequence
 from memact.dcpo.distributed import (
     DistInfo,
-    build_engine,
     full_weights,
+    init_deepspeed,
     is_idle,
     lockstep,
     optimizer_step,
@@ -34,16 +33,19 @@ from memact.dcpo.distributed import (
     step_normalizer,
 )
 from memact.dcpo.losses import dcpo_loss
-from memact.dcpo.metrics import MetricsLogger, StepBar, mean, std
+from memact.dcpo.metrics import MetricsLogger, StepBar, UpdateStats, step_metrics
 from memact.dcpo.modeling import frozen_reference, load_for_training, reference_logprobs, token_logprobs
 from memact.dcpo.packing import build_micro_batches
 from memact.dcpo.plan import check_world
 from memact.dcpo.sampling import sample_segments
 from memact.engines.base import SamplingParams
-from memact.engines.hf import HFEngine
+from memact.engines.factory import build_engine, pad_token_id
+from memact.env.curriculum import Curriculum
 from memact.env.memory import Budget
-from memact.env.task import Task, make_tasks
+from memact.env.task import Task
+from memact.models.model import torch_dtype
 from memact.trajectory import Segment, Trajectory, segment_trajectory
+from memact.util.seeds import derive_seed
 
 
 def train(cfg: Config) -> Path:
@@ -53,7 +55,7 @@ def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run.out_dir)
     model, tokenizer = load_for_training(cfg)
     ref = frozen_reference(model, cfg) if cfg.dcpo.kl_coef > 0 else None  # the initial policy, frozen
-    engine = build_engine(model, cfg, total_steps=cfg.run.steps * cfg.dcpo.ppo_epochs * cfg.dcpo.mini_batches)
+    engine = init_deepspeed(model, cfg, total_steps=cfg.run.steps * cfg.dcpo.ppo_epochs * cfg.dcpo.mini_batches)
     rollout = Rollout(engine.module, tokenizer, cfg.rollout)
     first_step = resume(engine, rollout, cfg.run.resume) if cfg.run.resume else 0
     log, bar = open_run(run_dir, cfg, dist, engine, first_step)
@@ -90,22 +92,21 @@ def train(cfg: Config) -> Path:
 
 
 class Rollout:
-    """The rollout side: an engine that generates from the trained model, plus episode settings.
+    """The rollout side: an engine from the factory (``rollout.engine``), plus episode settings.
 
-    On the CPU the engine shares the trained model object (no weight copy); ``sync_weights``
-    is the seam where a separate engine (vLLM) will receive new weights.
+    The HF engine shares the trained module (no weight copy); an engine with weights of its
+    own receives them in :func:`sync_weights` after every update.
     """
 
     def __init__(self, model: Any, tokenizer: Any, rc: RolloutConfig, progress: bool = False):
-        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self.engine = HFEngine(model, eos_token_id=eos, pad_token_id=self.pad_id,
-                               max_batch_size=rc.max_batch_size)
+        self.pad_id = pad_token_id(tokenizer)
+        self.engine = build_engine(rc.engine, model, tokenizer, max_batch_size=rc.max_batch_size)
         self.renderer = ChatRenderer(tokenizer)
         self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
                                        max_new_tokens=rc.max_new_tokens)
         self.budget = Budget(rc.context_budget, rc.max_steps)
         self.strategy = parse_strategy(rc.strategy)
+        self.curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode)
         self.progress = progress
 
     @property
@@ -117,34 +118,20 @@ class Rollout:
                             strategy=self.strategy, seed=seed, groups=groups, progress=self.progress)
 
 
-def objectives_at(rc: RolloutConfig, step: int, total_steps: int = 0, prompt: int = 0) -> int:
-    """Sub-questions of prompt ``prompt`` at ``step``: ``rollout.curriculum`` split evenly over the
-    run, or with ``curriculum_mode: mixed`` cycled through the step's prompts."""
-    if rc.curriculum and rc.curriculum_mode == "mixed":
-        return int(rc.curriculum[(step * rc.prompts_per_step + prompt) % len(rc.curriculum)])
-    if not rc.curriculum or total_steps <= 0:
-        return rc.objectives
-    stage = min(step * len(rc.curriculum) // total_steps, len(rc.curriculum) - 1)
-    return int(rc.curriculum[stage])
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A seed of its own for each (run seed, step, rank): steps replay exactly after a resume."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
+    return derive_seed(seed, "dcpo_step", step, rank)
 
 
 def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo,
                    total_steps: int = 0) -> tuple[list[Task], list[int]]:
-    """This rank's prompts of the step, each repeated ``n_traj`` times, and their group ids.
+    """This rank's prompts of the step (``memact.env.curriculum``), each repeated ``n_traj``
+    times, and their group ids.
 
     Prompt g of the step goes to rank g % world_size; group ids are the step-wide prompt index.
     """
-    ks = [objectives_at(rc, step, total_steps, g) for g in range(rc.prompts_per_step)]
-    if len(set(ks)) == 1:
-        prompts = make_tasks(rc.prompts_per_step, ks[0], seed=seed * 10_007 + step)
-    else:  # mixed K: each K's prompts from their own seed, in prompt order
-        by_k = {k: iter(make_tasks(ks.count(k), k, seed=(seed * 10_007 + step) * 31 + k)) for k in set(ks)}
-        prompts = [next(by_k[k]) for k in ks]
+    curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode)
+    prompts = curriculum.prompts(seed, step, rc.prompts_per_step, total_steps)
     mine = [g for g in range(rc.prompts_per_step) if g % dist.world_size == dist.rank]
     tasks = [prompts[g] for g in mine for _ in range(rc.n_traj)]
     groups = [g for g in mine for _ in range(rc.n_traj)]
@@ -183,7 +170,7 @@ def pack_mini_batches(seqs: list[TrainSequence], cfg: Config, pad_id: int, devic
 
     The layout (one row per segment, packed, or prefix tree) follows ``cfg.batch``.
     """
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(cfg.model.dtype)
     return [[mb.to(device) for mb in build_micro_batches(part, cfg.batch, pad_id, cfg.model.attn_implementation, dtype)]
             for part in split_by_prompt(seqs, cfg.dcpo.mini_batches)]
 
@@ -209,21 +196,6 @@ def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch
         mb.old_logprobs, _ = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)
         if cfg.dcpo.kl_coef > 0:
             mb.ref_logprobs = reference_logprobs(engine, ref, mb, temp, fused=cfg.model.fused_logprobs)
-
-
-@dataclass
-class UpdateStats:
-    loss: float = 0.0
-    pg_loss: float = 0.0
-    clipped_tokens: int = 0
-    kl_sum: float = 0.0
-    entropy_sum: float = 0.0
-    ratio_max: float = 0.0
-    tokens: int = 0  # trained tokens, summed over optimizer steps
-    fed_tokens: int = 0  # real tokens through forward+backward
-    grad_norms: list[float] | None = None
-    optimizer_steps: int = 0
-    micro_batches: int = 0
 
 
 def update(engine: Any, minis: list[list[MicroBatch]], cfg: Config, dist: DistInfo) -> UpdateStats:
@@ -286,96 +258,7 @@ def sync_weights(rollout_engine: Any, engine: Any) -> None:
         sync(engine.module.state_dict(keep_vars=True).items())
 
 
-# ----------------------------------------------------------------------------- metrics, state
-
-
-def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, segments: list[list[Segment]],
-                 seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, lr: float,
-                 t_rollout: float, t_update: float, t_step: float, dist: DistInfo | None = None) -> dict[str, float]:
-    """One row of metrics.jsonl (names explained in docs/training.md), over every rank's
-    trajectories and updates (rank 0's wall times)."""
-    diffs = [mb.rollout_logprobs[mb.loss_mask] - mb.old_logprobs[mb.loss_mask] for mbs in minis for mb in mbs]
-    diff = torch.cat(diffs).abs() if diffs else torch.zeros(0)
-    part = {  # this rank's share: lists are concatenated over ranks, numbers summed (maxima: max)
-        "rewards": [t.reward for t in trajs],
-        "correct": [float(c) for t in trajs for c in t.correct],
-        "adv": traj_adv.tolist(),
-        "segments": [len(s) for s in segments],
-        "context_mean": [t.metrics["mean_context_tokens"] for t in trajs],
-        "context_peak": [t.metrics["peak_context_tokens"] for t in trajs],
-        "memory_actions": [t.metrics["memory_actions"] for t in trajs],
-        "overflow": [float(t.metrics["overflow"]) for t in trajs],
-        "turns": [t.metrics["steps"] for t in trajs],
-        "gen_tokens": sum(len(c.output_ids) for t in trajs for c in t.calls),
-        "segments_trained": len(seqs),
-        "loss": stats.loss,  # each rank's share of the step's globally normalised loss
-        "pg_loss": stats.pg_loss,
-        "clipped_tokens": stats.clipped_tokens,
-        "kl_sum": stats.kl_sum,
-        "entropy_sum": stats.entropy_sum,
-        "tokens": stats.tokens,
-        "fed_tokens": stats.fed_tokens,
-        "micro_batches": stats.micro_batches,
-        "diff_sum": float(diff.sum()),
-        "diff_n": diff.numel(),
-        "diff_max": float(diff.max()) if diff.numel() else 0.0,
-        "ratio_max": stats.ratio_max,
-    }
-    a = gather_parts(part, dist or DistInfo(0, 1, 0))
-    adv, tokens = a["adv"], max(a["tokens"], 1)
-    return {
-        "step": step,
-        "reward_mean": mean(a["rewards"]),
-        "reward_std": std(a["rewards"]),
-        "accuracy": mean(a["correct"]),
-        "adv_mean": mean(adv),
-        "adv_std": std(adv),
-        "adv_abs_mean": mean([abs(x) for x in adv]),
-        "adv_zero_frac": mean([float(x == 0) for x in adv]),
-        "loss": a["loss"],
-        "pg_loss": a["pg_loss"],
-        "clip_fraction": a["clipped_tokens"] / tokens,
-        "ratio_max": a["ratio_max"],
-        "kl": a["kl_sum"] / tokens,
-        "entropy": a["entropy_sum"] / tokens,
-        "grad_norm": mean(stats.grad_norms or []),  # already global
-        "lr": lr,  # the rate of this step's first update
-        "logprob_mismatch_mean": a["diff_sum"] / a["diff_n"] if a["diff_n"] else 0.0,
-        "logprob_mismatch_max": a["diff_max"],
-        "segments_per_traj": mean(a["segments"]),
-        "segments_trained": a["segments_trained"],
-        "micro_batches": a["micro_batches"],
-        "optimizer_steps": stats.optimizer_steps,
-        "trained_tokens": a["tokens"],
-        "context_mean": mean(a["context_mean"]),
-        "context_peak": max(a["context_peak"], default=0),
-        "memory_actions": mean(a["memory_actions"]),
-        "overflow_rate": mean(a["overflow"]),
-        "turns": mean(a["turns"]),
-        "rollout_tok_s": a["gen_tokens"] / max(t_rollout, 1e-9),
-        "update_tok_s": a["fed_tokens"] / max(t_update, 1e-9),
-        "rollout_s": t_rollout,
-        "update_s": t_update,
-        "step_s": t_step,
-    }
-
-
-def gather_parts(part: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
-    """Every rank's ``part`` combined: lists concatenated, ``*_max`` by max, other numbers summed."""
-    if dist.world_size == 1:
-        return part
-    parts: list[Any] = [None] * dist.world_size
-    torch.distributed.all_gather_object(parts, part)
-    out: dict[str, Any] = {}
-    for key, value in part.items():
-        values = [p[key] for p in parts]
-        if isinstance(value, list):
-            out[key] = [x for v in values for x in v]
-        elif key.endswith("_max"):
-            out[key] = max(values)
-        else:
-            out[key] = sum(values)
-    return out
+# ----------------------------------------------------------------------------- state
 
 
 def should_save(step: int, cfg: Config) -> bool:

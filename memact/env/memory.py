@@ -93,9 +93,9 @@ DEFAULT_MAX_STEPS = 40
 class Budget:
     """Limits of an episode. Breaking either ends the episode with a penalty."""
 
-    max_context_tokens: int = 20_000
+    max_context_tokens: int = DEFAULT_CONTEXT_BUDGET
     """Largest context (prompt + generated tokens of one call) allowed, in tokens."""
-    max_steps: int = 40
+    max_steps: int = DEFAULT_MAX_STEPS
     """Largest number of generation calls in one episode."""
 
     def broken(self, context_tokens: int, steps: int) -> str | None:

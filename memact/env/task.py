@@ -17,6 +17,8 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from memact.util.seeds import derive_seed
+
 # Attribute -> the values it takes. Every value is one plain word, distinct across attributes.
 ATTRIBUTES: dict[str, list[str]] = {
     "color": ["crimson", "amber", "teal", "violet", "ochre", "ivory", "cobalt", "olive", "scarlet",
@@ -172,8 +174,8 @@ def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int
 
 
 def make_tasks(n: int, k: int, seed: int, distractors: int = 3) -> list[Task]:
-    """``n`` tasks with ``k`` objectives; task i uses seed ``seed * 100_003 + i``."""
-    return [make_task(seed * 100_003 + i, k, distractors=distractors) for i in range(n)]
+    """``n`` tasks with ``k`` objectives; task i uses the ``task`` seed stream (``memact.util.seeds``)."""
+    return [make_task(derive_seed(seed, "task", i), k, distractors=distractors) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- answers

@@ -100,7 +100,7 @@ def summarize(trajs: list[Trajectory], rows: list[dict]) -> dict[str, Any]:
     out = {
         "n": n, "accuracy": mean("accuracy"), "f1": mean("f1"), "all_correct": mean("all_correct"),
         "mean_context": st["context_mean"], "peak_context": st["context_peak_mean"],
-        "max_peak_context": st["context_peak_max"], "total_tokens": st["tokens"],
+        "max_peak_context": st["context_peak_max"], "total_tokens": st["total_tokens"],
         "memory_actions": st["memory_actions"], "steps": st["steps"], "overflow": st["overflow_rate"],
         "failed": st["failed"],
     }
@@ -113,11 +113,10 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
              progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every combination, write ``episodes.jsonl`` and ``summary.json`` to ``out_dir``."""
     from memact.agent.rollout import rollout
-    from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budget = spec.budget or Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
+    budget = spec.budget or Budget()
     sampling = spec.sampling or SamplingParams(temperature=0.0)
     summary: list[dict[str, Any]] = []
     tmp = out / "episodes.jsonl.tmp"

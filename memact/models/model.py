@@ -11,6 +11,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+DTYPES = ("float32", "bfloat16")
+"""Weight and compute dtypes a model can be loaded and trained in."""
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a name in :data:`DTYPES`."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
 
 @dataclass(frozen=True)
 class ModelPreset:

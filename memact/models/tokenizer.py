@@ -29,6 +29,7 @@ from memact.models.chatml import (
     TOOL_RESPONSE_CLOSE,
     TOOL_RESPONSE_OPEN,
 )
+from memact.util.seeds import derive_seed
 
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 MARKUP_TOKENS = [TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE]
@@ -39,7 +40,7 @@ def task_corpus(n_tasks: int = 300, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     texts = [SYSTEM_PROMPT, SYSTEM_PROMPT_NO_MEMORY]
     for i in range(n_tasks):
-        task = make_task(seed * 7919 + i, k=rng.randint(1, 8))
+        task = make_task(derive_seed(seed, "corpus", i), k=rng.randint(1, 8))
         env = AgentEnv(task, seed=i)
         texts.append(json.dumps(env.tools))
         texts.append(env.user_text())

@@ -230,7 +230,7 @@ def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments,
     (Calling the decoder submodule directly, bypassing the engine's forward, kept only the
     last micro-batch's gradient under ZeRO-3; the trainer goes through the engine.)
     """
-    from memact.dcpo.distributed import build_engine, optimizer_step
+    from memact.dcpo.distributed import init_deepspeed, optimizer_step
     from memact.dcpo.modeling import load_for_training
 
     overrides = [f"model.path={micro_model_dir}", "dcpo.kl_coef=0", "optim.max_grad_norm=0", "batch.max_seq_len=4096"]
@@ -252,7 +252,7 @@ def test_zero3_accumulates_every_micro_batch(micro_model_dir, scripted_segments,
     accumulate(shim_engine(plain), one, cfg, ONE, UpdateStats(grad_norms=[]))
     expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])))
     model, _ = load_for_training(cfg)  # partitioned as it loads: runs only through its engine
-    engine = build_engine(model, cfg)
+    engine = init_deepspeed(model, cfg)
     accumulate(engine, four, cfg, ONE, UpdateStats(grad_norms=[]))
     assert optimizer_step(engine) == pytest.approx(expected, rel=1e-4)
 
