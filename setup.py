@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],
-        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout"],
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout", "import-linter"],
     },
     entry_points={"console_scripts": ["memact=memact.cli:main"]},
 )
