@@ -8,26 +8,21 @@ each returned tool call re-rendered in hermes format (``<tool_call>\\n{json}\\n<
 closed by ``<|im_end|>``. The agent loop stays unchanged. Log-probs are 0: the server's
 tokens are not ours, so its log-probs (if any) cannot be attached to our ids.
 
-Requests run concurrently (a thread pool) with retries and exponential backoff on 429/5xx,
-timeouts and connection errors; a prompt that still fails gets ``Generation(error=...)`` and
-the rest of the batch completes. Token counts from the server's ``usage`` are kept on each
-``Generation`` and summed in :attr:`OpenAIEngine.usage`.
+Requests run concurrently (a thread pool) through :class:`memact.util.http.ChatClient`, the
+project's one client for these servers (retries with exponential backoff on its
+``RETRY_STATUSES``, timeouts and connection errors); a prompt that still fails gets
+``Generation(error=...)`` and the rest of the batch completes. Token counts from the server's
+``usage`` are kept on each ``Generation`` and summed in :attr:`OpenAIEngine.usage`.
 
-Environment: ``OPENAI_BASE_URL`` (default ``https://api.openai.com/v1``), ``OPENAI_API_KEY``
+Environment (read by ``memact.util.http.openai_env``): ``OPENAI_BASE_URL`` (default ``https://api.openai.com/v1``), ``OPENAI_API_KEY``
 (sent as a bearer token when set). The model is the ``MODEL`` of an ``openai:MODEL`` policy.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import random
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,9 +36,7 @@ from memact.models.chatml import (
     TOOL_RESPONSE_OPEN,
     call_text,
 )
-
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+from memact.util.http import ChatClient, ChatClientError, message_text
 
 _MESSAGE_RE = re.compile(re.escape(IM_START) + r"(\w+)\n(.*?)" + re.escape(IM_END) + r"\n?", re.DOTALL)
 TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -173,9 +166,7 @@ def hermes_calls(text: str) -> list[tuple[str, Any]] | None:
 
 def reply_text(message: dict[str, Any]) -> str:
     """An API reply message as the assistant text our model would have written (hermes calls)."""
-    content = message.get("content") or ""
-    if isinstance(content, list):  # content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    content = message_text(message)
     parts = [content.strip()] if content.strip() else []
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
@@ -191,15 +182,6 @@ def reply_text(message: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the engine
 
 
-class _Failure(Exception):
-    """One failed request; ``retryable`` says whether another attempt may succeed."""
-
-    def __init__(self, message: str, retryable: bool, retry_after: float | None = None):
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-
 class OpenAIEngine:
     """Chat completions as an :class:`~memact.engines.hf.Engine`.
 
@@ -212,7 +194,8 @@ class OpenAIEngine:
             servers without a tool-call parser.
         concurrency: requests in flight at once.
         timeout_s: per-request timeout in seconds.
-        max_retries: retries after the first attempt (429, 5xx, timeouts, connection errors).
+        max_retries: retries after the first attempt (``memact.util.http.RETRY_STATUSES``,
+            timeouts, connection errors).
         backoff_s: first retry delay in seconds; doubles each retry (with jitter), capped at
             ``max_backoff_s``; a ``Retry-After`` header is honoured up to that cap.
     """
@@ -227,21 +210,25 @@ class OpenAIEngine:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.model = model
         self.tokenizer = tokenizer
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.client = ChatClient.from_env(base_url, api_key, timeout_s=timeout_s, max_retries=max_retries,
+                                          backoff_s=backoff_s, max_backoff_s=max_backoff_s)
         self.tools_in_prompt = tools_in_prompt
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.end_of_turn = end_of_turn
         self.usage = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._lock = threading.Lock()
 
     @property
+    def base_url(self) -> str:
+        return self.client.base_url.rstrip("/")
+
+    @property
+    def api_key(self) -> str | None:
+        return self.client.api_key
+
+    @property
     def url(self) -> str:
-        return f"{self.base_url}/chat/completions"
+        return self.client.url
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         if not prompts:
@@ -262,13 +249,10 @@ class OpenAIEngine:
         if sampling.seed is not None:
             body["seed"] = sampling.seed + index
         try:
-            reply = self._post(body)
-            choice = reply["choices"][0]
-            text = reply_text(choice["message"])
-        except _Failure as err:
+            reply, choice = self.client.complete(body)
+            text = self._text(choice["message"])
+        except ChatClientError as err:
             return self._failed(str(err))
-        except (KeyError, IndexError, TypeError) as err:
-            return self._failed(f"POST {self.url}: unexpected reply shape ({type(err).__name__}: {err})")
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         ids = list(self.tokenizer.encode(text + (self.end_of_turn if finish == "stop" else ""),
                                          add_special_tokens=False))
@@ -284,73 +268,21 @@ class OpenAIEngine:
         return gen
 
     def chat(self, messages: list[dict[str, Any]], **params: Any) -> str:
-        """One chat completion (with retries) returning the reply text; raises RuntimeError on failure.
+        """One chat completion (with retries) returning the reply text; raises
+        :class:`~memact.util.http.ChatClientError` (a RuntimeError) on failure.
 
-        For callers outside the agent loop (an LLM judge, a proposer) that speak messages, not ids.
+        For callers outside the agent loop that speak messages, not ids.
         """
+        _, choice = self.client.complete({"model": self.model, "messages": messages, **params})
+        return self._text(choice["message"])
+
+    def _text(self, message: dict[str, Any]) -> str:
         try:
-            reply = self._post({"model": self.model, "messages": messages, **params})
-            return reply_text(reply["choices"][0]["message"])
-        except _Failure as err:
-            raise RuntimeError(str(err)) from None
-        except (KeyError, IndexError, TypeError) as err:
-            raise RuntimeError(f"POST {self.url}: unexpected reply shape ({type(err).__name__}: {err})") from None
+            return reply_text(message)
+        except (AttributeError, KeyError, TypeError) as err:  # tool_calls of another shape
+            raise ChatClientError(self.url, f"unexpected reply shape ({type(err).__name__}: {err})") from None
 
     def _failed(self, message: str) -> Generation:
         with self._lock:
             self.usage["failed"] += 1
         return Generation([], [], "error", error=message)
-
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries; returns the decoded reply or raises the last :class:`_Failure`."""
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        attempt = 0
-        while True:
-            try:
-                return self._post_once(data, headers)
-            except _Failure as err:
-                if not err.retryable or attempt >= self.max_retries:
-                    raise _Failure(f"POST {self.url}: {err} (after {attempt + 1} attempt(s))", False) from None
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
-                if err.retry_after is not None:
-                    delay = min(self.max_backoff_s, max(delay, err.retry_after))
-                time.sleep(delay)
-                attempt += 1
-
-    def _post_once(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as err:
-            detail = _error_detail(err)
-            retry_after = err.headers.get("Retry-After") if err.headers else None
-            raise _Failure(f"HTTP {err.code}: {detail}", err.code in RETRY_STATUS,
-                           float(retry_after) if retry_after and retry_after.isdigit() else None) from None
-        except urllib.error.URLError as err:
-            raise _Failure(f"cannot reach the server ({err.reason})", True) from None
-        except TimeoutError:
-            raise _Failure(f"no reply within {self.timeout_s:g} s", True) from None
-        except (ConnectionError, http.client.HTTPException, OSError) as err:
-            raise _Failure(f"connection failed ({type(err).__name__}: {err})", True) from None
-        try:
-            reply = json.loads(raw)
-        except json.JSONDecodeError:
-            raise _Failure(f"reply is not JSON: {raw[:120]!r}", False) from None
-        if not isinstance(reply, dict):
-            raise _Failure(f"reply is not a JSON object: {raw[:120]!r}", False)
-        return reply
-
-
-def _error_detail(err: urllib.error.HTTPError) -> str:
-    try:
-        body = err.read()
-        obj = json.loads(body)
-        msg = obj.get("error", {}).get("message") if isinstance(obj.get("error"), dict) else obj.get("error")
-        return str(msg or obj)[:500]
-    except Exception:  # any body at all: the status line is the message
-        return err.reason if isinstance(err.reason, str) else str(err)
-

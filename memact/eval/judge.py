@@ -13,17 +13,24 @@ PROMPT = (
 def make_judge(spec: str, chat: Callable[[list[dict]], str] | None = None) -> Callable[[str, str, str], bool]:
     """A judge ``(question, gold, prediction) -> bool`` from ``openai:MODEL``.
 
-    ``chat`` replaces the HTTP call (tests). A judge that cannot be reached raises: an
-    evaluation should not silently fall back to exact match.
+    ``chat`` replaces the HTTP call (tests). The call is :class:`memact.util.http.ChatClient`
+    (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, 3 retries). A judge that cannot be reached raises
+    :class:`~memact.util.http.ChatClientError`: an evaluation should not silently fall back to
+    exact match.
     """
     kind, _, model = spec.partition(":")
     if kind != "openai" or not model:
         raise ValueError(f"--judge {spec!r}: expected openai:MODEL")
     if chat is None:
-        from memact.engines.openai import OpenAIEngine
+        from memact.util.http import ChatClient, message_text
 
-        engine = OpenAIEngine(model, tokenizer=None, max_retries=3)
-        chat = lambda messages: engine.chat(messages, temperature=0.0, max_tokens=4)  # noqa: E731
+        client = ChatClient.from_env(max_retries=3)
+
+        def ask(messages: list[dict]) -> str:
+            _, choice = client.complete({"model": model, "messages": messages, "temperature": 0.0, "max_tokens": 4})
+            return message_text(choice["message"])
+
+        chat = ask
 
     def judge(question: str, gold: str, pred: str) -> bool:
         reply = chat([{"role": "user", "content": PROMPT.format(question=question, gold=gold, pred=pred)}])

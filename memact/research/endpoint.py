@@ -1,25 +1,23 @@
 """The one seam to language models: an OpenAI-compatible ``/chat/completions`` call.
 
 Both the LLM proposer (``openai:MODEL``) and the trained memact policy (``policy:MODEL_DIR``,
-served with ``memact serve MODEL_DIR``) are reached through it, with the standard library
-only: no client package to install on a research machine.
+served with ``memact serve MODEL_DIR``) are reached through it. The HTTP call is the project's
+one client, :class:`memact.util.http.ChatClient` (standard library only: no client package to
+install on a research machine), which the OpenAI engine and the LLM judge use too.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from memact.util.http import ChatClient, ChatClientError, openai_env
+
 POLICY_URL_ENV = "MEMACT_POLICY_URL"
-RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
 
 
-class EndpointError(RuntimeError):
+class EndpointError(ChatClientError):
     """The endpoint could not be reached or gave an answer we cannot use."""
 
 
@@ -36,7 +34,10 @@ class Endpoint:
         model: the model name sent in each request.
         api_key: sent as a bearer token when not empty.
         timeout_s: seconds to wait for one HTTP answer.
-        retries: extra attempts after a network error or a retryable HTTP status.
+        retries: extra attempts after a network error or a retryable HTTP status
+            (``memact.util.http.RETRY_STATUSES``).
+        backoff_s: the first retry's delay in seconds, doubled each retry (jittered), capped at
+            ``max_backoff_s``; a ``Retry-After`` header is honoured up to that cap.
     """
 
     base_url: str
@@ -44,14 +45,16 @@ class Endpoint:
     api_key: str = ""
     timeout_s: float = 180.0
     retries: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 8.0
 
     @classmethod
     def openai(cls, model: str) -> Endpoint:
         """The endpoint for ``openai:MODEL``: OPENAI_BASE_URL (default api.openai.com) and OPENAI_API_KEY."""
         if not model:
             raise ValueError("openai:MODEL needs a model name, e.g. openai:gpt-4o-mini")
-        base = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
-        return cls(base_url=base, model=model, api_key=os.environ.get("OPENAI_API_KEY", ""))
+        base, key = openai_env()
+        return cls(base_url=base, model=model, api_key=key or "")
 
     @classmethod
     def policy(cls, model_dir: str) -> Endpoint:
@@ -71,35 +74,14 @@ class Endpoint:
     def chat(self, messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         """POST a chat completion and return the first choice's ``message`` dict.
 
-        Network errors and retryable statuses (429, 5xx) are retried with exponential
-        backoff (1, 2, 4 s ...); other HTTP errors fail at once with the server's message.
+        Network errors and retryable statuses are retried with exponential backoff; other HTTP
+        errors fail at once. Raises :class:`EndpointError` naming the URL, the cause (with the
+        server's message) and the attempts made.
         """
-        body = json.dumps({"model": self.model, "messages": messages, **extra}).encode()
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(2 ** (attempt - 1))
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    answer = json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", errors="replace")[:300]
-                last_error = f"HTTP {err.code} from {url}: {detail}"
-                if err.code in RETRY_STATUSES:
-                    continue
-                raise EndpointError(last_error) from err
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                last_error = f"cannot reach {url}: {getattr(err, 'reason', err)}"
-                continue
-            except json.JSONDecodeError as err:
-                raise EndpointError(f"{url} answered with something that is not JSON: {err}") from err
-            try:
-                return answer["choices"][0]["message"]
-            except (KeyError, IndexError, TypeError) as err:
-                raise EndpointError(f"{url} answered without choices[0].message: {str(answer)[:300]}") from err
-        raise EndpointError(f"{last_error} (gave up after {self.retries + 1} attempts)")
+        client = ChatClient(self.base_url, self.api_key, timeout_s=self.timeout_s, max_retries=self.retries,
+                            backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s)
+        try:
+            _, choice = client.complete({"model": self.model, "messages": messages, **extra})
+        except ChatClientError as err:
+            raise EndpointError(err.url, err.cause, err.status, err.attempts) from None
+        return choice["message"]

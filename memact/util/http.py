@@ -1,0 +1,208 @@
+"""The one HTTP client for OpenAI-compatible ``/chat/completions`` endpoints (standard library only).
+
+Used by the OpenAI engine (``openai:MODEL`` policies), the LLM judge and the research agent's
+proposers (``memact.research.endpoint``). One request: a JSON body POSTed to
+``{base_url}/chat/completions`` with a bearer token when a key is set. A reply must be a JSON
+object. Failures are retried when another attempt may succeed (:data:`RETRY_STATUSES`,
+timeouts, connection errors) with exponential backoff and jitter, honouring ``Retry-After`` up
+to ``max_backoff_s``; every failure that is given up on raises :class:`ChatClientError`, e.g.
+``POST http://127.0.0.1:8000/v1/chat/completions: HTTP 503: warming up (after 5 attempt(s))``.
+
+Environment (declared here once): ``OPENAI_BASE_URL`` (default ``https://api.openai.com/v1``),
+``OPENAI_API_KEY`` (sent as a bearer token when set).
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import http.client
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+BASE_URL_ENV = "OPENAI_BASE_URL"
+API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# 408 timeout, 429 rate limit, 5xx but 501 (not implemented: it will not be next time). 409 is
+# in: OpenAI answers it for a lock timeout on its side and its own client retries it, and a
+# chat completion changes nothing on the server, so a second attempt cannot conflict with the first.
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+_DETAIL_CHARS = 500
+
+
+def openai_env(base_url: str | None = None, api_key: str | None = None) -> tuple[str, str | None]:
+    """``(base_url, api_key)``: the arguments where given, else ``$OPENAI_BASE_URL`` (else
+    :data:`DEFAULT_BASE_URL`) and ``$OPENAI_API_KEY`` (else None)."""
+    base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return base, key or None
+
+
+class ChatClientError(RuntimeError):
+    """A request given up on: ``POST {url}: {cause} (after {attempts} attempt(s))``.
+
+    Attributes:
+        url: the URL posted to.
+        cause: what went wrong: ``HTTP {status}: {server's message}``, a network cause, or a reply
+            we cannot use.
+        status: the HTTP status of the last attempt, None when there was none.
+        attempts: how many requests were made.
+    """
+
+    def __init__(self, url: str, cause: str, status: int | None = None, attempts: int = 1):
+        super().__init__(f"POST {url}: {cause} (after {attempts} attempt(s))")
+        self.url, self.cause, self.status, self.attempts = url, cause, status, attempts
+
+
+class _Failure(Exception):
+    """One failed attempt; ``retryable`` says whether another may succeed."""
+
+    def __init__(self, cause: str, retryable: bool, status: int | None = None, retry_after: float | None = None):
+        super().__init__(cause)
+        self.retryable, self.status, self.retry_after = retryable, status, retry_after
+
+
+@dataclass
+class ChatClient:
+    """POSTs chat-completion bodies to one OpenAI-compatible server.
+
+    Attributes:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` (``/chat/completions`` is appended).
+        api_key: sent as ``Authorization: Bearer ...`` when not empty.
+        timeout_s: seconds to wait for one answer.
+        max_retries: attempts after the first one, for a retryable status, a timeout or a
+            connection error.
+        backoff_s: the first retry's delay; doubles each retry, times a jitter in [0.5, 1),
+            capped at ``max_backoff_s``. A ``Retry-After`` header lengthens it, to that cap too.
+    """
+
+    base_url: str
+    api_key: str | None = None
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    @classmethod
+    def from_env(cls, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> ChatClient:
+        """A client for :func:`openai_env`'s base URL and key."""
+        base, key = openai_env(base_url, api_key)
+        return cls(base, key, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/chat/completions"
+
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` with retries; the reply as a dict, else raises :class:`ChatClientError`."""
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        attempt = 0
+        while True:
+            try:
+                return self._post_once(data, headers)
+            except _Failure as err:
+                if not err.retryable or attempt >= self.max_retries:
+                    raise ChatClientError(self.url, str(err), err.status, attempt + 1) from None
+                time.sleep(self.delay(attempt, err.retry_after))
+                attempt += 1
+
+    def complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`post`, and the reply's first choice (a dict whose ``message`` is a dict)."""
+        reply = self.post(body)
+        return reply, self.first_choice(reply)
+
+    def first_choice(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """``reply["choices"][0]``, checked to hold a ``message`` dict; else :class:`ChatClientError`."""
+        choices = reply.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            raise ChatClientError(self.url, f"reply has no choices[0].message: {json.dumps(reply)[:300]}")
+        return choice
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``attempt + 1`` (``attempt`` retries made so far)."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+        if retry_after is not None:
+            delay = max(delay, min(self.max_backoff_s, retry_after))
+        return delay
+
+    def _post_once(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            retry_after = _retry_after(err.headers.get("Retry-After") if err.headers else None)
+            raise _Failure(f"HTTP {err.code}: {_error_detail(err)}", err.code in RETRY_STATUSES, err.code,
+                           retry_after) from None
+        except urllib.error.URLError as err:
+            raise _Failure(f"cannot reach the server ({err.reason})", True) from None
+        except TimeoutError:
+            raise _Failure(f"no reply within {self.timeout_s:g} s", True) from None
+        except (ConnectionError, http.client.HTTPException, OSError) as err:
+            raise _Failure(f"connection failed ({type(err).__name__}: {err})", True) from None
+        try:
+            reply = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _Failure(f"reply is not JSON: {raw[:120]!r}", False, 200) from None
+        if not isinstance(reply, dict):
+            raise _Failure(f"reply is not a JSON object: {raw[:120]!r}", False, 200)
+        return reply
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text of a reply message's ``content``: a string, the joined text of content parts, or ''."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else str(content)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: a number of seconds or an HTTP date; None if neither."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # "-0000": UTC
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_detail(err: urllib.error.HTTPError) -> str:
+    """The server's error message: ``error.message`` (or ``error``) of a JSON body, else the body, else the reason."""
+    try:
+        body = err.read()
+    except Exception:  # the body could not be read: the status line is the message
+        body = b""
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = None
+    if isinstance(obj, dict):
+        error = obj.get("error")
+        msg = error.get("message") if isinstance(error, dict) else error
+        return str(msg or obj)[:_DETAIL_CHARS]
+    text = body.decode("utf-8", errors="replace").strip()
+    if text:
+        return text[:_DETAIL_CHARS]
+    return err.reason if isinstance(err.reason, str) and err.reason else f"status {err.code}"
