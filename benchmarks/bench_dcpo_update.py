@@ -13,9 +13,9 @@ and not timed, as in the trainer's ``update_tok_s``. Variants:
 - naive: one right-padded row per segment (length-binned micro-batches), LM head + full-vocab
   log_softmax, no reuse;
 - fused: naive rows, ``memact_kernels.linear_logprobs``;
-- packed+fused: several segments per row (block-diagonal 4D mask, ``batch.packing``);
+- packed+fused: several segments per row (block-diagonal 4D mask, ``batch.layout=packed``);
 - prefix+fused / prefix: one row per segment, the micro-batch's shared head run once and its
-  KV cache reused (``batch.prefix_reuse``);
+  KV cache reused (``batch.layout=prefix``);
 - tree+fused: shared heads once in packed rows with a tree mask (both flags).
 
 "useful tok/s" counts the tokens of the naive layout (every segment's prompt + response,
@@ -31,12 +31,12 @@ import statistics
 import time
 
 LAYOUTS = {  # variant -> (config overrides, fused log-probs)
-    "naive": ("batch.packing=false", False),
-    "fused": ("batch.packing=false", True),
-    "packed+fused": ("batch.packing=true", True),
-    "prefix+fused": ("batch.prefix_reuse=true", True),
-    "prefix": ("batch.prefix_reuse=true", False),
-    "tree+fused": ("batch.packing=true batch.prefix_reuse=true", True),
+    "naive": ("batch.layout=rows", False),
+    "fused": ("batch.layout=rows", True),
+    "packed+fused": ("batch.layout=packed", True),
+    "prefix+fused": ("batch.layout=prefix", True),
+    "prefix": ("batch.layout=prefix", False),
+    "tree+fused": ("batch.layout=tree", True),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from memact.dcpo.advantages import ESTIMATORS, NORMS
 from memact.dcpo.losses import AGG_MODES
+from memact.dcpo.packing import LAYOUTS
 from memact.dcpo.sampling import MODES as SEGMENT_SAMPLING
 from memact.dcpo.schedules import SCHEDULES
 from memact.engines.factory import ENGINES
@@ -137,20 +138,15 @@ class BatchConfig:
     pad_to_multiple_of: int = 64
     """Round each micro-batch's length up to this, in tokens: fewer distinct shapes, so the
     CPU kernels (oneDNN) are not rebuilt every step."""
-    packing: bool = False
-    """Pack several segments into one row (position ids restart per segment, a 4D
-    block-diagonal causal mask keeps them apart) instead of one padded row per segment.
-    Needs ``model.attn_implementation`` sdpa or eager. With ``prefix_reuse`` too, the row is
-    a prefix tree (shared heads once, each token attends along its own path). Measured on the
-    2-core CPU: slower than length-binned rows (masked attention over a whole row costs more
-    than the padding or heads it saves), so off; see benchmarks/README.md."""
-    prefix_reuse: bool = False
-    """Run the head that a micro-batch's segments share (system prompt + task, surviving
-    records) once and reuse its keys/values for every segment's suffix (KV cache, gradients
-    flow into the prefix). Segments are grouped by sorted tokens so neighbours share the most.
-    Same log-probs, loss and gradients as one row per segment (tested). Off: on the 2-core
-    CPU with the tiny model it computed 44% fewer tokens yet ran at 0.85-0.89x of length-binned
-    rows (suffix padding, masked attention with a cache; benchmarks/README.md)."""
+    layout: str = "rows"
+    """How segments sit in a micro-batch (``memact.dcpo.packing.LAYOUTS``); every layout gives the
+    same log-probs, loss and gradients (tested). ``rows``: one right-padded row per segment,
+    segments of similar length binned together. ``packed``: several segments per row, position
+    ids restarting per segment, a 4D block-diagonal causal mask (sdpa or eager only).
+    ``prefix``: the head a micro-batch's segments share runs once and its keys/values are reused
+    for every segment's suffix (gradients flow into the prefix). ``tree``: packed rows in which
+    segments share the slots of a common prefix. On the 2-core CPU with the tiny model every
+    layout but ``rows`` ran slower (benchmarks/README.md), hence the default."""
     packed_row_len: int = 0
     """Longest packed row, in tokens (0: ``max_seq_len``). Attention over a row costs row
     length squared on the CPU whatever the mask, so rows much longer than a segment lose."""
@@ -366,6 +362,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
     _check(b.max_seq_len >= 2, "batch.max_seq_len", b.max_seq_len, ">= 2")
+    _check(b.layout in LAYOUTS, "batch.layout", b.layout, f"one of {LAYOUTS}")
     _check(b.pad_to_multiple_of >= 1, "batch.pad_to_multiple_of", b.pad_to_multiple_of, ">= 1")
     _check(b.packed_row_len >= 0, "batch.packed_row_len", b.packed_row_len, ">= 0 (0 = batch.max_seq_len)")
     _check(b.max_tokens_per_micro_batch >= b.max_seq_len, "batch.max_tokens_per_micro_batch",

@@ -1,13 +1,15 @@
 """Micro-batches with several segments per row: packing, and shared prefixes laid out as a tree.
 
-Three layouts of the same micro-batch, chosen by ``batch.packing`` / ``batch.prefix_reuse``:
+Four layouts of the same micro-batch, chosen by ``batch.layout``:
 
-- rows (default): one right-padded row per segment; micro-batches bin segments of similar
+- ``rows`` (default): one right-padded row per segment; micro-batches bin segments of similar
   length (``memact.dcpo.data.micro_batches``), so padding is small.
-- packed: segments placed one after another in rows of at most ``batch.packed_row_len``
+- ``prefix``: rows, grouped so that neighbours share a head, which runs once; its KV cache
+  serves every row's suffix (``prefix_micro_batches``).
+- ``packed``: segments placed one after another in rows of at most ``batch.packed_row_len``
   tokens; ``position_ids`` restart at 0 for each segment and a block-diagonal causal mask
   keeps segments from seeing each other.
-- prefix tree: as packed, but a segment reuses the slots of the tokens it shares with the
+- ``tree``: as packed, but a segment reuses the slots of the tokens it shares with the
   segment placed before it (``memact.dcpo.prefix``); its tokens attend along its own path.
 
 Why a 4D mask rather than transformers' own packed-sequence path: transformers 5.19 does
@@ -40,6 +42,7 @@ from memact.dcpo.data import (
 from memact.dcpo.prefix import Row, common_prefix_len, plan_rows
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # take a 4D attention mask
+LAYOUTS = ("rows", "prefix", "packed", "tree")
 
 
 def pack_rows(seqs: list[TrainSequence], rows: list[Row], pad_id: int, pad_to_multiple_of: int = 1,
@@ -148,7 +151,7 @@ def prefix_micro_batches(seqs: list[TrainSequence], max_tokens: int, pad_id: int
 
 def build_micro_batches(seqs: list[TrainSequence], batch_cfg: Any, pad_id: int, attn_implementation: str = "sdpa",
                         dtype: torch.dtype = torch.float32) -> list[MicroBatch]:
-    """Micro-batches in the layout the config asks for (``batch.packing``, ``batch.prefix_reuse``).
+    """Micro-batches in the layout the config asks for (``batch.layout``).
 
     Args:
         batch_cfg: a ``BatchConfig``.
@@ -156,14 +159,16 @@ def build_micro_batches(seqs: list[TrainSequence], batch_cfg: Any, pad_id: int, 
         dtype: the model's dtype (eager takes an additive mask of that dtype).
     """
     b = batch_cfg
-    if not b.packing:
-        if b.prefix_reuse:
-            return prefix_micro_batches(seqs, b.max_tokens_per_micro_batch, pad_id, b.pad_to_multiple_of)
+    if b.layout not in LAYOUTS:
+        raise ValueError(f"batch.layout={b.layout!r}: expected one of {LAYOUTS}")
+    if b.layout == "rows":
         return micro_batches(seqs, b.max_tokens_per_micro_batch, pad_id, b.pad_to_multiple_of)
+    if b.layout == "prefix":
+        return prefix_micro_batches(seqs, b.max_tokens_per_micro_batch, pad_id, b.pad_to_multiple_of)
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"batch.packing / batch.prefix_reuse need model.attn_implementation in "
+        raise ValueError(f"batch.layout={b.layout} needs model.attn_implementation in "
                          f"{ATTN_IMPLEMENTATIONS} (a 4D attention mask), got {attn_implementation!r}")
     mask_dtype = torch.bool if attn_implementation == "sdpa" else dtype
     return packed_micro_batches(seqs, b.max_tokens_per_micro_batch, pad_id, b.pad_to_multiple_of,
-                                row_len=b.packed_row_len or b.max_seq_len, share_prefix=b.prefix_reuse,
+                                row_len=b.packed_row_len or b.max_seq_len, share_prefix=b.layout == "tree",
                                 mask_dtype=mask_dtype)

@@ -50,11 +50,11 @@ def check_world(cfg: Config, world_size: int) -> None:
     if p // world_size < cfg.dcpo.mini_batches:
         raise ConfigError(f"dcpo.mini_batches={cfg.dcpo.mini_batches}: expected <= prompts per rank "
                           f"({p // world_size})")
-    if b.prefix_reuse and world_size > 1 and zero_stage(cfg) == 3:
+    if b.layout in ("prefix", "tree") and world_size > 1 and zero_stage(cfg) == 3:
         # ZeRO-3 gathers parameters module call by module call, so ranks must call the same
         # modules in the same order; a prefix-reuse micro-batch runs the decoder twice, a
         # micro-batch without a shared prefix once.
-        raise ConfigError("batch.prefix_reuse=true: not supported with ZeRO stage 3 on more than one rank")
+        raise ConfigError(f"batch.layout={b.layout}: not supported with ZeRO stage 3 on more than one rank")
 
 
 def _count(n: int) -> str:

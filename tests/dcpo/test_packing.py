@@ -97,9 +97,9 @@ def test_packed_logprobs_loss_and_grads_match_one_row_per_segment(model_and_segm
 
 def test_build_micro_batches_follows_config(model_and_segments):
     _, pad_id, seqs = model_and_segments
-    kv = load_config(None, ["batch.prefix_reuse=true", "batch.max_seq_len=4096"]).batch
+    kv = load_config(None, ["batch.layout=prefix", "batch.max_seq_len=4096"]).batch
     assert all(mb.packed is None and mb.shared_prefix > 0 for mb in build_micro_batches(seqs, kv, pad_id))
-    b = load_config(None, ["batch.prefix_reuse=true", "batch.packing=true", "batch.max_seq_len=4096"]).batch
+    b = load_config(None, ["batch.layout=tree", "batch.max_seq_len=4096"]).batch
     mbs = build_micro_batches(seqs, b, pad_id)
     assert all(mb.packed is not None and mb.packed.attention_mask.dtype == torch.bool for mb in mbs)
     eager = build_micro_batches(seqs, b, pad_id, "eager", torch.float32)
