@@ -1,35 +1,24 @@
-"""How fast does a tiny model learn to copy from its context? Three synthetic probes.
+"""How fast does a tiny model learn to copy from its context? Synthetic probes, one format a run.
 
 The agent must copy from its context (values into notes and answers, ids into
 ``delete_ids``, names into queries). This probe measures, on the CPU, how many optimizer
 steps a freshly initialised model needs for each kind of copying, on episodes of the task's
-own single-token words (entity names, attribute values):
+own single-token words. The warm-up's formats (``mqar``, ``mqar_all``, ``idlist``,
+``idlist_mqar``; ``memact.warmup.copy``) and four diagnostics of this probe:
 
 * ``repeat``: n/2 to n random single-token words (entity names, values, record ids), then
-  the same again. Solvable by *positional* copying (attend a fixed distance back); it
-  teaches a copy circuit that works for every such token, rare ones included.
-* ``mqar``: n (name, value) pairs, then the names again in shuffled order, each followed by
-  its value (multi-query associative recall). Needs *content-based* lookup (an induction
-  circuit: find the earlier occurrence of this name, copy what followed it).
-* ``mqar_all``: ``mqar`` with keys and values drawn from every single-token word (names,
-  values, record ids), so the copy works for the names and ids the agent must copy too.
-* ``mixed``: ``fact`` and ``mqar`` episodes, half each.
-* ``prune``: the warm-up's prune episodes (1 to n facts): a task head, one search call and
-  result record per question, then the ``prune_context`` call. Targets: the note's values
-  (``note``) and the record ids in ``delete_ids`` (``copy``).
-* ``prune_mqar``: ``prune`` and ``mqar_all`` episodes, half each.
-
-The episode generators live in ``memact.warmup.copy`` (the copy recipe of
-``memact pretrain``); this probe trains one format with its own knobs.
+  the same again. Solvable by *positional* copying (attend a fixed distance back).
 * ``fact``: n facts "The {attribute} of {entity} is {value}." over a few entities and
   attributes, then the facts again in shuffled order: the value is fixed only by the
   (attribute, entity) pair, the recall the task needs, in its own words.
+* ``mixed``: ``fact`` and ``mqar`` episodes, half each.
+* ``mqar_vocab``: ``mqar`` with keys and values from the whole vocabulary, BPE pieces included.
 
 Rows of ``--seq`` tokens pack whole episodes. Loss is next-token cross-entropy on every
-token; accuracy and NLL are measured on the recalled tokens (second half) of a fixed
-evaluation batch. ``--pre-steps`` trains on ``repeat`` first, ``--mix`` mixes repeat
-episodes in. ``--arch`` swaps the Qwen3 block (with q/k RMSNorm) for Llama or GPT-2 of the
-same width and depth.
+token; accuracy and NLL are measured on the target tokens of a fixed evaluation batch.
+``--pre-steps`` trains on ``repeat`` first, ``--mix`` mixes repeat episodes (24 words) in.
+``--arch`` swaps the Qwen3 block for Llama or GPT-2 of the same width and depth. Results:
+docs/pretrain.md, "Second round".
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recall_probe.py --tokenizer runs/tiny \\
         --format repeat --n 24 --batch 4 --seq 128 --steps 1000 --lr 1e-3
@@ -46,8 +35,58 @@ import math
 import random
 import time
 
-from memact.warmup.copy import FORMATS, KIND_NAMES
-from memact.warmup.copy import make_batch as batch
+from memact.warmup.copy import FORMATS, KIND_NAMES, Episode, episode, make_batch, recall_pairs, world_words
+
+PROBES = ("repeat", "fact", "mixed", "mqar_vocab")
+
+
+def probe_episode(fmt: str, n: int, rng: random.Random, tok, vocab: int = 0) -> Episode:
+    """One episode of a warm-up format or of a probe diagnostic (``PROBES``)."""
+    from memact.env.task import ATTRIBUTES, NAME_POOL, fact_sentence
+
+    if fmt in FORMATS:
+        return episode(fmt, n, rng, tok)
+    if fmt == "mixed":
+        fmt = rng.choice(["fact", "mqar"])
+        if fmt == "mqar":
+            return episode(fmt, n, rng, tok)
+    if fmt == "repeat":
+        words = world_words()
+        if vocab:
+            words = random.Random(0).sample(words, vocab)
+        k = rng.randint(max(1, n // 2), n)
+        seq = [tok.convert_tokens_to_ids(w) for w in rng.sample(words, k)]
+        return seq + seq, [0] * k + [1] * k
+    if fmt == "mqar_vocab":
+        special = set(tok.all_special_ids)
+        picked = rng.sample([i for i in range(len(tok)) if i not in special], 2 * n)
+        return recall_pairs(picked[:n], picked[n:], rng)
+    if fmt != "fact":
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS + PROBES)}")
+
+    def enc(s: str) -> list[int]:
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    attrs = list(ATTRIBUTES)
+    side = max(2, (n + 1) // 2)
+    pairs = rng.sample([(e, a) for e in rng.sample(NAME_POOL, side) for a in rng.sample(attrs, side)], n)
+    facts = [(e, a, rng.choice(ATTRIBUTES[a])) for e, a in pairs]
+    ids = [t for f in facts for t in enc(" " + fact_sentence(*f))] + enc("\n")
+    tgt = [0] * len(ids)
+    for e, a, v in rng.sample(facts, n):
+        head = enc(f" The {a} of {e} is ")
+        ids += head + [tok.convert_tokens_to_ids(v)] + enc(".")
+        tgt += [0] * len(head) + [1, 0]
+    return ids, tgt
+
+
+def batch(fmt: str, n: int, rng: random.Random, tok, rows: int, seq: int, mix: float = 0.0, vocab: int = 0):
+    """:func:`memact.warmup.copy.make_batch` of probe episodes, a share ``mix`` of them ``repeat``."""
+    def make(r: random.Random) -> Episode:
+        f = "repeat" if r.random() < mix else fmt
+        return probe_episode(f, 24 if f == "repeat" and fmt != "repeat" else n, r, tok, vocab)
+
+    return make_batch(fmt, n, rng, tok, rows, seq, make=make)
 
 
 def build(arch: str, preset: str, vocab: int, tok, seed: int):
@@ -78,8 +117,7 @@ def build(arch: str, preset: str, vocab: int, tok, seed: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="a `memact new-model` directory")
-    ap.add_argument("--format", default="fact", choices=list(FORMATS),
-                    help="mixed: fact and mqar episodes, half each; prune_mqar: prune and mqar_all")
+    ap.add_argument("--format", default="fact", choices=list(FORMATS + PROBES), help="see above")
     ap.add_argument("--n", type=int, default=4, help="names / pairs / facts per episode")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr (warm-up, cosine to 10%%)")

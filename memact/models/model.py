@@ -102,17 +102,10 @@ def world_token_groups(tokenizer, groups: tuple[str, ...] = TYPE_GROUPS) -> dict
 def add_type_directions(model, groups: dict[str, list[int]], seed: int = 0) -> None:
     """Add one shared random direction to the embedding rows of each group of tokens, in place.
 
-    A copy head has to attend to "a record id" before it can copy one. At initialisation the
-    512 id rows are independent random vectors; after the mqar warm-up stages they, and the
-    ~1,000 BPE rows the warm-up never trains, have drifted to one shared vector (cosine 0.83
-    between the ids' mean and those rows; per-id residual norm 0.18 against a shared norm
-    3.77, measured on the third round's mqar_all model). Nothing then marks an id as a kind of
-    its own, and a 1M-parameter model did not learn to copy them from their ``[id: ...]``
-    headers in 1,500 steps (copy accuracy 0.00). With one direction shared by all ids (norm:
-    the ids' mean row norm) the same run copied 0.71 by step 700 (docs/pretrain.md, "Third
-    round"). The direction is a type embedding, fixed only at initialisation; training moves
-    it like any other weight. With tied embeddings it also shifts the ids' output logits
-    together.
+    A type embedding fixed at initialisation (norm: the group's mean row norm): with it the
+    record ids are a kind of their own, which a tiny model needs before it learns to copy
+    them (docs/pretrain.md, "Third round"). With tied embeddings it shifts the group's
+    output logits together.
     """
     import torch
 
@@ -124,43 +117,6 @@ def add_type_directions(model, groups: dict[str, list[int]], seed: int = 0) -> N
             direction = torch.randn(emb.shape[1], generator=gen)
             direction *= emb[index].norm(dim=1).mean() / direction.norm()
             emb[index] += direction.to(emb.dtype)
-
-
-def redraw_rows(model, rows, seed: int = 0) -> dict[str, float]:
-    """Give each embedding row in ``rows`` a fresh random direction, in place; returns statistics.
-
-    A warm-up that feeds only some tokens (the copy recipe: names, values, record ids) leaves
-    the rows of every other token to the output softmax alone, which pushes them all the same
-    way: after ``mqar:12000,mqar_all:3000`` the 1,019 rows it never fed (the attribute words,
-    punctuation, digits, the chat-format pieces) sat at pairwise cosine 0.999, one vector.
-    SFT cannot separate them again: the 8 attribute words stayed at cosine 0.998 through SFT,
-    and a policy copied the question's attribute into its search query 0.067 of the time
-    (teacher-forced, 3 epochs), against 0.750 with the rows redrawn (docs/pretrain.md, "Fifth
-    round"). Each redrawn row is a Gaussian direction scaled to the median norm of the rows
-    not redrawn; the shared part is dropped. With tied embeddings the output rows change too.
-
-    Returns ``rows`` (how many), ``cos_before`` (their mean pairwise cosine before) and
-    ``norm`` (the norm given to each); both None when ``rows`` is empty.
-    """
-    import torch
-
-    emb = model.get_input_embeddings().weight
-    index = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
-    if index.numel() == 0:
-        return {"rows": 0, "cos_before": None, "norm": None}  # None, not NaN: pretrain_config.json stays JSON
-    keep = torch.ones(emb.shape[0], dtype=torch.bool)
-    keep[index] = False
-    with torch.no_grad():
-        w = emb.detach().float().cpu()
-        unit = torch.nn.functional.normalize(w[index], dim=1)
-        n = unit.shape[0]
-        cos = ((unit.sum(0).pow(2).sum() - n) / (n * (n - 1))).item() if n > 1 else 1.0
-        norm = w[keep].norm(dim=1).median().item() if keep.any() else w.norm(dim=1).median().item()
-        gen = torch.Generator().manual_seed(seed + 11)
-        fresh = torch.randn(n, emb.shape[1], generator=gen)
-        fresh *= norm / fresh.norm(dim=1, keepdim=True)
-        emb[index.to(emb.device)] = fresh.to(device=emb.device, dtype=emb.dtype)
-    return {"rows": n, "cos_before": round(cos, 4), "norm": round(norm, 4)}
 
 
 def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024,

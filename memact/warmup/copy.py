@@ -1,50 +1,24 @@
-"""The copy warm-up: teach a tiny model to copy from its context, in stages of synthetic episodes.
+"""The copy warm-up: stages of synthetic episodes that teach a tiny model to copy from its context.
 
-The agent copies from its context all the time: values into notes and answers, entity
-names into queries, record ids into ``delete_ids``. A tiny model trained on the task alone
-learns the format and copies nothing (docs/pretrain.md). What ``memact pretrain`` runs by
-default, measured stage by stage on this CPU, is a sequence of stages of synthetic episodes
-over the task's single-token words, each stage many small optimizer steps (steps set the
-pace, not tokens), then a redraw of the embedding rows the stages never fed:
+The agent copies from its context all the time (values into notes and answers, entity names
+into queries, record ids into ``delete_ids``), and a tiny model trained on the task alone
+copies nothing. Each stage trains one episode format for many small optimizer steps; at the
+end the embedding rows of the tokens no stage fed are redrawn (:mod:`memact.warmup.embeddings`).
+What each format and stage taught, measured, is in docs/pretrain.md.
 
-1. ``mqar`` (multi-query associative recall): n (name, value) pairs, then the names again
-   in shuffled order, each followed by its value. Needs content-based lookup (an induction
-   circuit: find the earlier occurrence of this name, copy what followed it). Measured:
-   held-out accuracy 0.01 at step 1,000, 0.36 at 2,000, 0.45 at 12,000 (n=4, 4x128 tokens a
-   step, lr 1e-3); SFT from it copies values (0.99 teacher-forced) but not names or ids.
-2. ``mqar_all``: the same with keys and values drawn from every single-token word (names,
-   values, record ids). From scratch it learns nothing in 3,000 steps (0.004); after
-   stage 1 it reaches 0.19, and SFT from it copies names too (0.80), but not ids.
-3. The redraw (:meth:`CopyWarmup.redraw_unseen`): the stages leave the ~1,000 rows of the
-   tokens they never feed (attribute words, punctuation, the chat format) collapsed onto one
-   vector, and SFT cannot tell the attribute words apart again. Redrawn, a no-memory SFT
-   from this start learns the attribute too and answers 48 of 64 K=2 sub-questions.
+Formats (``FORMATS``):
 
-Measured and left out of the default: ``idlist`` (a head record and 1 to n short records,
-each under its ``[id: ...]`` header, then ``"delete_ids": [...]`` listing every record id
-but the head's; the copy the prunes need, in its simplest form, trained on the targets only,
-``loss="targets"``). It is learned once the ids share an embedding direction
-(``memact.models.model.add_type_directions``, which ``memact new-model`` applies): 0.71 at
-step 700 and 1.00 at 1,300. SFT from it copies ids (0.59-0.79), but every SFT from such a
-start has copied either ids or values, never both: the 1M model learned one copy in the task
-in these budgets (docs/pretrain.md, "Fifth round").
+- ``mqar`` (multi-query associative recall): n (name, value) pairs, then the names again in
+  shuffled order, each followed by its value.
+- ``mqar_all``: the same with keys and values drawn from every single-token world word
+  (names, values, record ids).
+- ``idlist``: a head record and 1 to n short records, each under its ``[id: ...]`` header,
+  then ``"delete_ids": [...]`` listing every record id but the head's.
+- ``idlist_mqar``: ``idlist`` and ``mqar_all`` (4 pairs), half each.
 
-Also here, measured and left out of the default: ``prune`` (the warm-up's prune episodes,
-``EpisodeBuilder.prune``; 800 steps after an ``idlist`` stage made the SFT worse), ``idlist_mqar``
-(``idlist`` and ``mqar_all`` with 4 pairs, half each; keeps the ids, recovers recall only
-slowly at batch 4; at batch 16 on an H100 it took recall from 0.30 to 0.999 in 4,800 steps
-with the ids at 1.000, docs/pretrain.md "Fourth round"), ``prune_mqar`` (``prune`` and
-``mqar_all``), ``mqar_vocab`` (a diagnostic: keys and values from the whole vocabulary).
-
-Every evaluation uses a fixed batch of fresh episodes (new random bindings, so nothing can
-be memorised) and reports accuracy per kind of target: ``recall`` (the value after a
-key), ``note`` (a value written into a prune note), ``copy`` (a record id in
-``delete_ids``). ``repeat``, ``fact`` and ``mixed`` are diagnostics for
-``benchmarks/recall_probe.py``.
-
-Entry points: :func:`episode` and :func:`make_batch` (the generators), :class:`Stage` and
-:func:`parse_stages` (the recipe), :func:`copy_warmup` (what ``memact pretrain --recipe copy``
-runs).
+Target kinds (``KIND_NAMES``) mark what an evaluation scores: ``recall`` (the value after a
+key) and ``copy`` (a record id in ``delete_ids``); ``FRESH`` marks the unpredictable record
+headers that ``loss="copy"`` skips.
 """
 
 from __future__ import annotations
@@ -54,22 +28,21 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 KIND_NAMES = {1: "recall", 2: "note", 3: "copy"}
-# Marks a token that no model can predict and that loss="copy" skips: the fresh record headers
-# an idlist episode opens with (its targets are the ids copied from them).
 FRESH = -1
 LOSSES = ("all", "targets", "copy")
-FORMATS = ("mqar", "mqar_all", "mqar_vocab", "prune", "prune_mqar", "idlist", "idlist_mqar", "repeat", "fact", "mixed")
-_BUILDERS: dict[int, Any] = {}
-_POOLS: dict[tuple[int, str], list[int]] = {}
+FORMATS = ("mqar", "mqar_all", "idlist", "idlist_mqar")
+Episode = tuple[list[int], list[int]]  # token ids, per token 0, FRESH or its kind of target
+_POOLS: dict[int, list[int]] = {}
 
 
 @functools.cache
-def _words() -> tuple[str, ...]:
+def world_words() -> tuple[str, ...]:
     """Every single-token world word: names, values, record ids."""
     from memact.env.memory import ID_POOL
     from memact.env.task import ATTRIBUTES, NAME_POOL
@@ -82,99 +55,47 @@ def _non_id_words() -> tuple[str, ...]:
     from memact.env.memory import ID_POOL
 
     ids = set(ID_POOL)
-    return tuple(w for w in _words() if w not in ids)
+    return tuple(w for w in world_words() if w not in ids)
 
 
-def _token_pool(tok: Any, fmt: str) -> list[int]:
-    """Token ids that ``mqar_all`` (the world words) or ``mqar_vocab`` (every non-special token)
-    draws keys and values from, computed once per tokenizer."""
-    key = (id(tok), fmt)
-    if key not in _POOLS:
-        if fmt == "mqar_all":
-            _POOLS[key] = [tok.convert_tokens_to_ids(w) for w in _words()]
-        else:
-            special = set(tok.all_special_ids)
-            _POOLS[key] = [i for i in range(len(tok)) if i not in special]
-    return _POOLS[key]
+def _world_token_ids(tok: Any) -> list[int]:
+    """The token ids of :func:`world_words`, computed once per tokenizer."""
+    if id(tok) not in _POOLS:
+        _POOLS[id(tok)] = [tok.convert_tokens_to_ids(w) for w in world_words()]
+    return _POOLS[id(tok)]
 
 
-def _builder(tok: Any):
-    """One ``EpisodeBuilder`` per tokenizer (its construction checks the tokenizer)."""
-    from memact.warmup.facts import EpisodeBuilder
+def recall_pairs(keys: list[int], vals: list[int], rng: random.Random) -> Episode:
+    """The pairs in order, then every key again in shuffled order followed by its value (the target)."""
+    n = len(keys)
+    ids = [t for k, v in zip(keys, vals) for t in (k, v)]
+    order = rng.sample(range(n), n)
+    return ids + [t for i in order for t in (keys[i], vals[i])], [0] * 2 * n + [0, 1] * n
 
-    if id(tok) not in _BUILDERS:
-        _BUILDERS[id(tok)] = EpisodeBuilder(tok)
-    return _BUILDERS[id(tok)]
 
+def episode(fmt: str, n: int, rng: random.Random, tok: Any) -> Episode:
+    """One episode of format ``fmt`` (one of ``FORMATS``) with n pairs (mqar) or at most n
+    records to list (idlist); ``tok`` has one token per entity name, value and record id."""
+    from memact.env.task import ATTRIBUTES, NAME_POOL
 
-def episode(fmt: str, n: int, rng: random.Random, tok: Any, vocab: int = 0) -> tuple[list[int], list[int]]:
-    """One episode: (token ids, per token 0 or its kind of target, see ``KIND_NAMES``).
-
-    Args:
-        fmt: one of ``FORMATS``.
-        n: pairs per episode (mqar, mqar_all), most facts (prune: 1 to n), words (repeat:
-            n/2 to n), facts (fact).
-        rng: the episode's randomness.
-        tok: a tokenizer with one token per entity name, value and record id.
-        vocab: repeat only: draw from this many distinct words (0: all).
-    """
-    from memact.env.task import ATTRIBUTES, NAME_POOL, fact_sentence
-
-    if fmt == "prune_mqar":
-        fmt = rng.choice(["prune", "mqar_all"])
-    elif fmt == "idlist_mqar":  # keeps the value and name copy of stages 1-2 alive while ids are learned
+    if fmt == "idlist_mqar":  # keeps the value and name copy of the mqar stages alive while ids are learned
         if rng.random() < 0.5:
             return _idlist(n, rng, tok)
         fmt, n = "mqar_all", 4
-    elif fmt == "mixed":
-        fmt = rng.choice(["fact", "mqar"])
-    tid = tok.convert_tokens_to_ids
     if fmt == "idlist":
         return _idlist(n, rng, tok)
-    if fmt == "prune":
-        ep = _builder(tok).prune(rng, rng.randint(1, n), NAME_POOL)
-        tgt = [0] * len(ep.ids)
-        for pos, kind in zip(ep.targets, ep.kinds):
-            tgt[pos] = 3 if kind == "copy" else 2
-        return ep.ids, tgt
-    if fmt == "repeat":
-        words = _words()
-        if vocab:
-            words = random.Random(0).sample(words, vocab)
-        k = rng.randint(max(1, n // 2), n)
-        seq = [tid(w) for w in rng.sample(words, k)]
-        return seq + seq, [0] * k + [1] * k
-    if fmt in ("mqar", "mqar_all", "mqar_vocab"):
-        if fmt == "mqar":
-            names = rng.sample(NAME_POOL, n)
-            keys = [tid(k) for k in names]
-            vals = [tid(rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))])) for _ in names]
-        else:  # mqar_vocab: keys and values from the whole vocabulary, BPE pieces included
-            picked = rng.sample(_token_pool(tok, fmt), 2 * n)
-            keys, vals = picked[:n], picked[n:]
-        ids = [t for k, v in zip(keys, vals) for t in (k, v)]
-        order = rng.sample(range(n), n)
-        return ids + [t for i in order for t in (keys[i], vals[i])], [0] * 2 * n + [0, 1] * n
-    if fmt != "fact":
-        raise ValueError(f"unknown episode format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-    def enc(s: str) -> list[int]:
-        return tok(s, add_special_tokens=False)["input_ids"]
-
-    attrs = list(ATTRIBUTES)
-    side = max(2, (n + 1) // 2)
-    pairs = rng.sample([(e, a) for e in rng.sample(NAME_POOL, side) for a in rng.sample(attrs, side)], n)
-    facts = [(e, a, rng.choice(ATTRIBUTES[a])) for e, a in pairs]
-    ids = [t for f in facts for t in enc(" " + fact_sentence(*f))] + enc("\n")
-    tgt = [0] * len(ids)
-    for e, a, v in rng.sample(facts, n):
-        head = enc(f" The {a} of {e} is ")
-        ids += head + [tid(v)] + enc(".")
-        tgt += [0] * len(head) + [1, 0]
-    return ids, tgt
+    if fmt == "mqar":
+        names = rng.sample(NAME_POOL, n)
+        keys = [tok.convert_tokens_to_ids(k) for k in names]
+        vals = [tok.convert_tokens_to_ids(rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))])) for _ in names]
+        return recall_pairs(keys, vals, rng)
+    if fmt == "mqar_all":
+        picked = rng.sample(_world_token_ids(tok), 2 * n)
+        return recall_pairs(picked[:n], picked[n:], rng)
+    raise ValueError(f"unknown episode format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def _idlist(n: int, rng: random.Random, tok: Any) -> tuple[list[int], list[int]]:
+def _idlist(n: int, rng: random.Random, tok: Any) -> Episode:
     """A head record, 1 to n short records, then the ``delete_ids`` list of every record but the head."""
     from memact.env.memory import ID_POOL
     from memact.env.tools import with_record_id
@@ -184,28 +105,42 @@ def _idlist(n: int, rng: random.Random, tok: Any) -> tuple[list[int], list[int]]
     rids = rng.sample(ID_POOL, k + 1)
     text = "".join(with_record_id(r, " ".join(rng.sample(words, rng.randint(2, 6)))) + "\n" for r in rids)
     text += '"delete_ids": ['
-    marks = []
+    marks = []  # (char offset, record id) of each copied id
     for i, rid in enumerate(rids[1:]):
         text += '"' if i == 0 else ', "'
-        marks.append((len(text), rid, "copy", 1.0 / len(rids)))
+        marks.append((len(text), rid))
         text += rid + '"'
     text += "]"
-    ep = _builder(tok)._tokenize(text, marks, [], 0)
-    first = min(ep.targets)
-    tgt = [FRESH] * first + [0] * (len(ep.ids) - first)  # the headers are fresh random words and ids
-    for pos in ep.targets:
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    position = {start: p for p, (start, _) in enumerate(enc["offset_mapping"])}
+    targets = []
+    for char, rid in marks:
+        pos = position.get(char)
+        if pos is None or ids[pos] != tok.convert_tokens_to_ids(rid):
+            raise ValueError(f"record id {rid!r} is not one token of its own in {text!r}: the warm-up needs "
+                             "one token per record id (build the model with `memact new-model`)")
+        targets.append(pos)
+    tgt = [FRESH] * targets[0] + [0] * (len(ids) - targets[0])  # the headers are fresh random words and ids
+    for pos in targets:
         tgt[pos] = 3
-    return ep.ids, tgt
+    return ids, tgt
 
 
-def make_batch(fmt: str, n: int, rng: random.Random, tok: Any, rows: int, seq: int, mix: float = 0.0,
-               vocab: int = 0):
-    """``rows`` rows of ``seq`` tokens, each packed with whole episodes separated by EOS.
+def make_batch(fmt: str, n: int, rng: random.Random, tok: Any, rows: int, seq: int,
+               make: Callable[[random.Random], Episode] | None = None):
+    """``rows`` rows of ``seq`` tokens, each packed with whole ``fmt`` episodes separated by EOS.
 
     Returns (input ids [rows, seq], attention mask [rows, seq], target kinds [rows, seq]).
-    ``mix``: share of ``repeat`` episodes (24 words) mixed in.
+    ``make(rng)`` builds each episode instead of :func:`episode` (the probes in
+    ``benchmarks/recall_probe.py``); ``fmt`` then only names it in errors.
     """
     import torch
+
+    if make is None:
+        def make(r: random.Random) -> Episode:
+            r.random()  # one draw before each episode, as in the runs docs/pretrain.md measured: same batches
+            return episode(fmt, n, r, tok)
 
     x = torch.full((rows, seq), tok.pad_token_id)
     mask = torch.zeros(rows, seq, dtype=torch.long)
@@ -214,8 +149,7 @@ def make_batch(fmt: str, n: int, rng: random.Random, tok: Any, rows: int, seq: i
         ids: list[int] = []
         tg: list[int] = []
         while True:
-            f = "repeat" if rng.random() < mix else fmt
-            e, t = episode(f, 24 if f == "repeat" and fmt != "repeat" else n, rng, tok, vocab)
+            e, t = make(rng)
             if len(ids) + len(e) + 1 > seq:
                 break
             ids += e + [tok.eos_token_id]
@@ -255,11 +189,11 @@ class Stage:
     """One stage of the copy warm-up.
 
     Attributes:
-        format: episode format (``mqar``, ``mqar_all``, ``prune``, ``prune_mqar``, ...).
+        format: episode format, one of ``FORMATS``.
         steps: optimizer steps.
-        n: pairs / facts per episode (see :func:`episode`).
+        n: pairs (mqar) or most records listed (idlist) per episode, see :func:`episode`.
         batch: rows per step.
-        seq_len: tokens per row (a prune episode with 3 facts takes up to about 390).
+        seq_len: tokens per row.
         lr: peak AdamW learning rate; each stage warms up over min(100, steps/10) steps, then
             decays by cosine to 10% of it.
         loss: ``all`` (next-token loss on every token) or ``targets`` (only on the target
@@ -290,12 +224,8 @@ class Stage:
             raise ValueError(f"stage {self.format}: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
-# The chain measured end to end on this CPU (docs/pretrain.md, "Third round" and "Fifth
-# round"), about 40 min on one core. With the unseen rows redrawn at the end, a no-memory SFT
-# from it solves K=2 (3 epochs: reward 0.995 on 100 tasks); continued on memory trajectories
-# it copies record ids too after about five epochs (0.931; K=2 reward 0.923). An `idlist` stage
-# after it (the previous default) teaches the id copy, and every SFT from such a start has
-# then copied either ids or values, never both (docs/pretrain.md, "Fifth round").
+# The recipe measured end to end (docs/pretrain.md, "Third round" and "Fifth round"); an
+# `idlist` stage is one to add, with the defaults below.
 DEFAULT_STAGES = (
     Stage("mqar", 12_000, n=4, batch=4, seq_len=128),
     Stage("mqar_all", 3_000, n=4, batch=4, seq_len=128),
@@ -452,8 +382,8 @@ class CopyWarmup:
 
     def redraw_unseen(self, seed: int = 0) -> dict[str, float]:
         """Redraw the embedding rows of every token the training batches never fed
-        (:func:`memact.models.model.redraw_rows`); returns its statistics."""
-        from memact.models.model import redraw_rows
+        (:func:`memact.warmup.embeddings.redraw_rows`); returns its statistics."""
+        from memact.warmup.embeddings import redraw_rows
 
         return redraw_rows(self.model, (~self.seen).nonzero().flatten().tolist(), seed=seed)
 
@@ -483,13 +413,12 @@ def plot_copy_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...] = DEFAULT_STAGES,
-                eval_every: int = 500, seed: int = 0, threads: int = 1, device: str = "auto",
+                eval_every: int = 500, seed: int = 0, device: str = "auto",
                 redraw_unseen: bool = True) -> Path:
     """Warm up the model in ``model_dir`` stage by stage; write it to ``out``.
 
     ``redraw_unseen``: at the end, give the embedding rows of every token the warm-up never
-    fed a fresh random direction (:meth:`CopyWarmup.redraw_unseen`): the warm-up collapses
-    them onto one vector, and SFT then cannot tell the attribute words apart.
+    fed a fresh random direction (:meth:`CopyWarmup.redraw_unseen`).
 
     Output (written to a hidden sibling directory, renamed into place at the end, so an
     interrupted run leaves no half-written ``out``): the model and tokenizer
@@ -503,7 +432,6 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
     from memact.models.model import count_parameters, load_policy, publish, resolve_device, staging_dir
 
     out = Path(out)
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tokenizer = load_policy(model_dir, device=resolve_device(device))
     staging = staging_dir(out)
@@ -511,7 +439,7 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
               "model": str(model_dir), "redraw_unseen": redraw_unseen}
     (staging / "pretrain_config.json").write_text(json.dumps(config, indent=1))
     total = sum(s.steps for s in stages)
-    print(f"[memact] pretrain (copy recipe): {count_parameters(model):,} parameters on {model.device}, "
+    print(f"[memact] pretrain: {count_parameters(model):,} parameters on {model.device}, "
           f"{len(stages)} stages, "
           f"{total:,} steps: {stages_text(stages)}", flush=True)
     warm = CopyWarmup(model, tokenizer, stages, eval_every=eval_every, seed=seed,

@@ -32,7 +32,7 @@ def _targets(tokenizer, ids, tgt, kind: str) -> list[str]:
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 8), fmt=st.sampled_from(["mqar", "mqar_all", "mqar_vocab"]))
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 8), fmt=st.sampled_from(["mqar", "mqar_all"]))
 def test_mqar_target_is_the_value_that_followed_the_same_key(tokenizer, seed, n, fmt):
     ids, tgt = episode(fmt, n, random.Random(seed), tokenizer)
     assert not set(ids) & set(tokenizer.all_special_ids)
@@ -44,30 +44,20 @@ def test_mqar_target_is_the_value_that_followed_the_same_key(tokenizer, seed, n,
             assert KIND_NAMES[kind] == "recall" and p >= 2 * n and ids[p] == first[ids[p - 1]]
 
 
-@settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 3))
-def test_prune_targets_are_the_shown_record_ids_and_the_noted_values(tokenizer, seed, n):
-    ids, tgt = episode("prune", n, random.Random(seed), tokenizer)
-    text = tokenizer.decode(ids)
-    shown = re.findall(r"<tool_response>\n\[id: (\w+)\]", text)
-    copies, notes = _targets(tokenizer, ids, tgt, "copy"), _targets(tokenizer, ids, tgt, "note")
-    assert copies == shown and set(copies) <= IDS and 1 <= len(copies) <= n
-    memory = re.search(r'"memory": "([^"]*)"', text).group(1)
-    assert [v.split(": ")[1] for v in memory.split("; ")] == notes
-
-
 def test_batch_packs_whole_episodes_and_rejects_a_row_too_short(tokenizer):
     x, m, k = make_batch("mqar", 4, random.Random(0), tokenizer, rows=3, seq=128)
     assert x.shape == m.shape == k.shape == (3, 128)
     assert (k[m == 0] == 0).all() and int((k > 0).sum()) % 4 == 0
-    with pytest.raises(ValueError, match="shorter than one prune episode"):
-        make_batch("prune", 3, random.Random(0), tokenizer, rows=1, seq=64)
+    with pytest.raises(ValueError, match="shorter than one idlist episode"):
+        make_batch("idlist", 3, random.Random(0), tokenizer, rows=1, seq=16)
+    with pytest.raises(ValueError, match="unknown episode format 'prune'"):
+        episode("prune", 3, random.Random(0), tokenizer)
 
 
 def test_parse_stages_defaults_scale_and_errors():
     assert parse_stages(stages_text(DEFAULT_STAGES)) == DEFAULT_STAGES
-    st_ = parse_stages("mqar:1000,prune_mqar:200:2:2:384", scale=0.5, lr=3e-4)
-    assert st_ == (Stage("mqar", 500, 4, 4, 128, 3e-4), Stage("prune_mqar", 100, 2, 2, 384, 3e-4))
+    st_ = parse_stages("mqar:1000,idlist_mqar:200:2:2:384", scale=0.5, lr=3e-4)
+    assert st_ == (Stage("mqar", 500, 4, 4, 128, 3e-4), Stage("idlist_mqar", 100, 2, 2, 384, 3e-4))
     assert parse_stages("mqar:10", scale=0.001)[0].steps == 1
     assert parse_stages("idlist:7:1:4:128:targets") == (Stage("idlist", 7, 1, 4, 128, loss="targets"),)
     assert parse_stages("idlist:7") == parse_stages("idlist:7:1:4:128:targets")  # idlist's own defaults
@@ -95,12 +85,12 @@ def test_copy_recipe_end_to_end_writes_a_loadable_model_and_its_curve(micro_mode
     add_parser(parser.add_subparsers())
     out = tmp_path / "warm"
     args = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(out),
-                              "--stages", "mqar:3,prune_mqar:2:2:1:512", "--eval-every", "2"])
+                              "--stages", "mqar:3,idlist_mqar:2:2:1:512:copy", "--eval-every", "2"])
     assert args.func(args) == 0
     rows = [json.loads(line) for line in (out / "recall_curve.jsonl").read_text().splitlines()]
     # Stage 1 evaluates at its start, step 2 and its end; stage 2 at step 5 (its end).
     assert [(r["stage"], r["step"]) for r in rows] == [(0, 0), (0, 2), (0, 3), (1, 5)]
-    assert {"mqar/recall", "prune_mqar/copy", "prune_mqar/note"} <= set(rows[-1]["acc"])
+    assert {"mqar/recall", "idlist_mqar/copy", "idlist_mqar/recall"} <= set(rows[-1]["acc"])
     assert all(0.0 <= v <= 1.0 for v in rows[-1]["acc"].values()) and rows[-1]["tokens"] > rows[2]["tokens"]
     assert (out / "recall_curve.png").stat().st_size > 0
     assert json.loads((out / "pretrain_config.json").read_text())["stages"][1]["seq_len"] == 512
@@ -111,16 +101,27 @@ def test_copy_recipe_end_to_end_writes_a_loadable_model_and_its_curve(micro_mode
         args.func(args)
 
 
-def test_copy_recipe_refuses_facts_only_flags(micro_model_dir, tmp_path):
+def test_pretrain_refuses_bad_flags_before_anything_is_written(micro_model_dir, tmp_path):
     from memact.warmup.cli import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(tmp_path / "w"),
-                              "--curriculum", "2,4", "--tokens", "10"])
-    with pytest.raises(SystemExit, match="--tokens, --curriculum set the facts recipe"):
-        args.func(args)
-    assert not (tmp_path / "w").exists()
+    for argv, message in [(["--device", "tpu"], "use auto, cpu, cuda"), (["--stages", "prune:10"], "not one of"),
+                          (["--eval-every", "0"], "--eval-every must be >= 1")]:
+        args = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(tmp_path / "w"), *argv])
+        with pytest.raises(SystemExit, match=message):
+            args.func(args)
+    with pytest.raises(SystemExit):  # the retired facts recipe's flags are gone
+        parser.parse_args(["pretrain", "--model", "m", "--out", "o", "--recipe", "facts"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_idlist_episode_is_the_one_measured(tokenizer):
+    """Pinned to the output of the code the recipe was measured with (commit ae484fb)."""
+    ids, tgt = episode("idlist", 2, random.Random(7), tokenizer)
+    assert tokenizer.decode(ids) == ('[id: v9x85rdi]\nGeva Krioraes\n[id: r2un6esw]\nLukaeth Siothil Sadaex Zovon\n'
+                                     '[id: j5k23auu]\nViren Laedis\n"delete_ids": ["r2un6esw", "j5k23auu"]')
+    assert tgt == [FRESH] * 43 + [3, 0, 0, 3, 0]
 
 
 @settings(max_examples=20, deadline=None)
@@ -139,19 +140,6 @@ def test_idlist_targets_are_every_record_id_but_the_head_in_order(tokenizer, see
     assert sum(tokenizer.convert_ids_to_tokens(i) in IDS for i in ids) == len(headers) + len(copies)
 
 
-def test_device_flag_is_checked_before_anything_is_written(micro_model_dir, tmp_path):
-    from memact.warmup.cli import add_parser
-
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    for argv, message in [(["--device", "tpu"], "use auto, cpu, cuda"),
-                          (["--device", "cpu", "--recipe", "facts"], "facts recipe runs on the CPU")]:
-        args = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(tmp_path / "w"), *argv])
-        with pytest.raises(SystemExit, match=message):
-            args.func(args)
-    assert not (tmp_path / "w").exists()
-
-
 def test_copy_loss_skips_only_the_fresh_headers(tokenizer):
     x, m, kind = make_batch("idlist_mqar", 1, random.Random(3), tokenizer, 8, 128)
     assert (kind == FRESH).any() and (kind == 1).any() and (kind == 3).any()  # both episode kinds present
@@ -159,7 +147,8 @@ def test_copy_loss_skips_only_the_fresh_headers(tokenizer):
 
 
 def test_redraw_rows_gives_distinct_rows_of_the_typical_norm_and_leaves_the_rest(micro_model_dir):
-    from memact.models.model import load_policy, redraw_rows
+    from memact.models.model import load_policy
+    from memact.warmup.embeddings import redraw_rows
 
     model, _ = load_policy(micro_model_dir)
     emb = model.get_input_embeddings().weight
@@ -211,7 +200,3 @@ def test_copy_recipe_redraws_exactly_the_rows_it_never_fed(micro_model_dir, tmp_
     stats = json.loads((outs["redrawn"] / "pretrain_config.json").read_text())["redraw_unseen"]
     assert stats["rows"] == int((~fed).sum())
     assert json.loads((outs["kept"] / "pretrain_config.json").read_text())["redraw_unseen"] is False
-    facts = parser.parse_args(["pretrain", "--model", str(micro_model_dir), "--out", str(tmp_path / "f"),
-                               "--recipe", "facts", "--keep-unseen-rows"])
-    with pytest.raises(SystemExit, match="copy recipe"):
-        facts.func(facts)
