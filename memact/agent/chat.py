@@ -1,4 +1,11 @@
-"""Token-span prompt rendering: head ids + each record's ids + the generation prompt."""
+"""Token-span prompt rendering: head ids + each record's ids + the generation prompt.
+
+Prompts are built from token spans, never by re-applying the chat template to the history:
+the head (system prompt with tools and the user task) is rendered once by the tokenizer's
+chat template; a record's ids are the generation prompt, the ids the engine produced, the
+closing markup and the tokenized tool-response fragment. A deletion removes spans; nothing is
+re-tokenized (docs/design.md, section 3).
+"""
 
 from __future__ import annotations
 

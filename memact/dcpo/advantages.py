@@ -2,7 +2,7 @@
 
 The advantage is computed once per trajectory and only then broadcast to that trajectory's
 segments, so a trajectory that was cut into many segments does not weigh more in the group
-statistics (design brief, section 4).
+statistics (docs/design.md, section 4).
 """
 
 from __future__ import annotations

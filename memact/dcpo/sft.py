@@ -1,6 +1,6 @@
 """Supervised cold start: cross-entropy on the generated tokens of every segment of a trajectories file.
 
-The same segments and masks as DCPO (design brief, section 5): a segment's context is exactly
+The same segments and masks as DCPO (docs/design.md, section 5): a segment's context is exactly
 what the engine saw, and only the tokens the policy generated are trained, each once.
 
 Output directory (``run.out_dir`` or ``--out``): the HF model + tokenizer (loads in

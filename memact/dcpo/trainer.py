@@ -1,4 +1,4 @@
-"""DCPO training: the loop of design brief section 4, top to bottom in ``train``.
+"""DCPO training: the loop of docs/design.md section 4, top to bottom in ``train``.
 
 Each step: sample prompts -> N_traj rollouts per prompt -> rewards -> group advantages (one
 per trajectory) -> segments -> segment sampling -> old and reference log-probs ->

@@ -11,7 +11,7 @@ reloads them in place, then the prefix cache is reset. :func:`iter_zero3_params`
 a ZeRO-3 trainer without gathering the whole model at once.
 
 vLLM is imported lazily: this module imports without it (the worker extension lives here).
-Facts behind the choices (measured, see shared/design/FACTS.md): with the multi-process engine
+Facts behind the choices (measured, docs/design.md section 6): with the multi-process engine
 tensors in RPC arguments arrive as lists, hence bytes; prefix caching would otherwise reuse
 keys/values of the old weights; a tied model needs ``lm_head.weight`` pushed explicitly; the
 default ``logprobs_mode`` returns log-probs before temperature, hence ``processed_logprobs``.

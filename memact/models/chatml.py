@@ -1,13 +1,10 @@
-"""Token-exact chat rendering and hermes tool-call parsing.
+"""The chat format: ChatML markup, the system prompts, the chat template, hermes tool calls.
 
-Prompts are built from token spans, never by re-applying the chat template to the
-history: the head (system prompt with tools + the user task) is rendered once by the
-tokenizer's own chat template; every record's ids are the generation prompt, the ids the
-engine produced, the closing markup and the tokenized tool-response fragment. A deletion
-removes spans; nothing is ever re-tokenized (see design brief, section 3).
-
-The markup pieces are ChatML as used by Qwen2.5/Qwen3 (and by the tiny tokenizer's
-template), so the same renderer serves a real checkpoint on a local path.
+Turns are ``<|im_start|>{role}\n...<|im_end|>`` as in Qwen2.5/Qwen3 (and the tiny tokenizer's
+template, ``CHAT_TEMPLATE``); a tool call is ``<tool_call>{json}</tool_call>`` in an assistant
+turn and a tool result is ``<tool_response>...</tool_response>`` in a user turn.
+:func:`parse_action` reads a generated turn into an action; how prompts are assembled from
+token spans is :mod:`memact.agent.chat`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Byte-level BPE from the ``tokenizers`` library, ChatML special tokens, the hermes tool
 markup, and one token for each entity name, attribute value and record id of the
 synthetic world: a tiny model trained from scratch learns single-token recall far more
-easily than multi-token copying (shared/design/FACTS.md).
+easily than multi-token copying (docs/design.md, section 6).
 """
 
 from __future__ import annotations
