@@ -79,7 +79,7 @@ def _rollouts(policy: str, plan: dict[int, int], seed: int, path: Path) -> dict[
         rows += [to_json(t) for t in trajs]
         rewards.append(trajectory_stats(trajs)["reward_mean"])
     write_jsonl(path, rows)
-    return {"trajectories": len(rows), "mean_reward": sum(rewards) / len(rewards)}
+    return {"trajectories": len(rows), "reward_mean": sum(rewards) / len(rewards)}
 
 
 def _sft(base: Path, data: Path, out: Path, epochs: int, seed: int, overrides: tuple[str, ...] = ()) -> Path:
