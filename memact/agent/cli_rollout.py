@@ -8,6 +8,7 @@ import time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 
     p = sub.add_parser(
@@ -34,12 +35,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: the tokenizer `memact new-model` trains)")
     p.add_argument("--strategy", default=None,
                    help="memact | full | sliding_window[:K] | summarize[:F] (default: memact; full for scripted-nomem)")
+    p.add_argument("--engine", default="hf", choices=ENGINES,
+                   help="what rolls out a model directory: hf (transformers) or vllm (needs vLLM installed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from memact.agent.rollout import rollout
+    from memact.agent.rollout import close_engines, rollout
     from memact.engines.base import SamplingParams
     from memact.env.memory import Budget
     from memact.trajectory import trajectory_stats, write_jsonl
@@ -50,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     trajs = rollout(
         args.policy, args.objectives, args.n, seed=args.seed, budget=Budget(args.context_budget, args.max_steps),
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens),
-        tokenizer_dir=args.tokenizer, progress=not args.quiet, strategy=args.strategy,
+        tokenizer_dir=args.tokenizer, progress=not args.quiet, strategy=args.strategy, engine=args.engine,
     )
+    close_engines()
     write_jsonl(args.out, trajs)
     s = trajectory_stats(trajs)
     print(

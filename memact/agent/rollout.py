@@ -46,11 +46,13 @@ class PolicyHandle:
 
 
 def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, seed: int = 0,
-                memory: bool | None = None) -> PolicyHandle:
+                memory: bool | None = None, engine: str = "hf", max_model_len: int = 0) -> PolicyHandle:
     """An engine for a policy spec (``scripted``, ``scripted-plan``, ``scripted-nomem``, ``openai:MODEL`` or a
     model directory).
 
     ``memory`` overrides whether a scripted expert uses ``prune_context`` (default: by spec).
+    ``engine``: what rolls out a model directory (``memact.engines.factory.ENGINES``); for vLLM
+    ``max_model_len`` bounds prompt plus output (0: the checkpoint's).
     """
     from memact.models.model import load_tokenizer
 
@@ -68,9 +70,36 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
     if not path.is_dir():
         raise SystemExit(f"--policy {spec!r}: not 'scripted', 'scripted-plan', 'scripted-nomem', 'openai:MODEL' "
                          "or a model directory")
-    model, tok = _load_cached(str(path.resolve()), (path / "config.json").stat().st_mtime)
-    engine = build_engine("hf", model, tok)
-    return PolicyHandle(engine, tok, True, path.name)
+    mtime = (path / "config.json").stat().st_mtime
+    if engine == "vllm":
+        from memact.models.model import load_tokenizer
+
+        tok = load_tokenizer(path)
+        return PolicyHandle(_vllm_cached(str(path.resolve()), mtime, max_model_len), tok, True, path.name)
+    model, tok = _load_cached(str(path.resolve()), mtime)
+    return PolicyHandle(build_engine(engine, model, tok), tok, True, path.name)
+
+
+_VLLM: dict[tuple[str, float, int], Any] = {}
+
+
+def _vllm_cached(path: str, mtime: float, max_model_len: int):
+    """The vLLM engine of a model directory (start-up takes seconds to minutes): only the last one
+    is kept, the one before is stopped."""
+    from memact.models.model import load_tokenizer
+
+    key = (path, mtime, max_model_len)
+    if key not in _VLLM:
+        close_engines()
+        options = {"max_model_len": max_model_len} if max_model_len else {}
+        _VLLM[key] = build_engine("vllm", None, load_tokenizer(path), model_dir=path, vllm=options)
+    return _VLLM[key]
+
+
+def close_engines() -> None:
+    """Stop the vLLM engine that rollouts of a model directory keep (if any)."""
+    while _VLLM:
+        _VLLM.popitem()[1].close()
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,14 +118,17 @@ def default_strategy(policy: str) -> str:
 
 def rollout(policy: str, objectives: int, n: int, seed: int = 0, budget: Budget | None = None,
             sampling: SamplingParams | None = None, tokenizer_dir: str | None = None,
-            progress: bool = True, strategy: str | None = None, tasks: list[Task] | None = None) -> list[Trajectory]:
-    """Run ``n`` episodes of ``policy`` on fresh tasks with ``objectives`` sub-questions (or on ``tasks``)."""
+            progress: bool = True, strategy: str | None = None, tasks: list[Task] | None = None,
+            engine: str = "hf") -> list[Trajectory]:
+    """Run ``n`` episodes of ``policy`` on fresh tasks with ``objectives`` sub-questions (or on ``tasks``);
+    ``engine`` rolls out a model directory (``hf`` or ``vllm``)."""
     tasks = tasks if tasks is not None else make_tasks(n, objectives, seed)
     st = parse_strategy(strategy or default_strategy(policy))
     with hold(policy):  # a checkpoint of a running DCPO job is not rotated away meanwhile
-        handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed, memory=st.memory_tool)
-        renderer = ChatRenderer(handle.tokenizer)
         budget = budget or Budget()
         sampling = sampling or SamplingParams()
+        handle = make_policy(policy, tasks, tokenizer_dir=tokenizer_dir, seed=seed, memory=st.memory_tool,
+                             engine=engine, max_model_len=budget.max_context_tokens + sampling.max_new_tokens)
+        renderer = ChatRenderer(handle.tokenizer)
         return run_episodes(handle.engine, tasks, renderer, sampling, budget=budget, strategy=st, seed=seed,
                             progress=progress)

@@ -21,6 +21,8 @@ def _common(p: argparse.ArgumentParser, default_config: str) -> None:
                    "per GPU without loading weights, and exit")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU for --dry-run's plan of a colocated vLLM engine (default 80: an H100)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.lr=2e-3 run.steps=5 model.path=runs/tiny")
@@ -108,7 +110,7 @@ def _dry_run(cfg, args: argparse.Namespace, mode: str) -> int:
     from memact.dcpo.plan import dry_run, resolve_world
 
     try:
-        dry_run(cfg, resolve_world(args.num_gpus), mode)
+        dry_run(cfg, resolve_world(args.num_gpus), mode, gpu_gib=args.gpu_memory_gib)
     except ConfigError as err:
         raise SystemExit(f"memact {mode}: {err}") from None
     return 0

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from memact.dcpo.advantages import ESTIMATORS, NORMS
-from memact.dcpo.losses import AGG_MODES
+from memact.dcpo.losses import AGG_MODES, TIS_MODES
 from memact.dcpo.packing import LAYOUTS
 from memact.dcpo.sampling import MODES as SEGMENT_SAMPLING
 from memact.dcpo.schedules import SCHEDULES
-from memact.engines.factory import ENGINES
+from memact.engines.factory import ENGINES, VLLM_DTYPES
 from memact.env.curriculum import CURRICULUM_MODES
 from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 from memact.models.model import DTYPES
@@ -153,6 +153,36 @@ class BatchConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """What the vLLM engine needs (``rollout.engine: vllm``); read by ``memact.engines.vllm.VLLMEngine``."""
+
+    tensor_parallel_size: int = 1
+    """GPUs per engine. The training loop runs one engine per DeepSpeed rank, so only 1 there;
+    ``memact rollout`` and ``memact eval`` take any size."""
+    gpu_memory_utilization: float = 0.5
+    """Share of each GPU's memory vLLM may take (its weights and KV cache), beside the
+    trainer's weights, gradients and optimizer state: ``memact train --dry-run`` shows the
+    plan. Ignored on the CPU, where ``cpu_kv_cache_gib`` sizes the cache."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV cache of vLLM's CPU backend, GiB (``VLLM_CPU_KVCACHE_SPACE``; the environment wins)."""
+    max_num_seqs: int = 256
+    """Sequences vLLM schedules at once."""
+    max_model_len: int = 0
+    """Longest prompt plus output, tokens; 0: ``rollout.context_budget + rollout.max_new_tokens``."""
+    dtype: str = "auto"
+    """``auto`` (the trainer's ``model.dtype``), ``float32``, ``bfloat16`` or ``float16``; float32 for
+    rollouts that match the trainer's log-probs to rounding."""
+    enforce_eager: bool = False
+    """No CUDA graphs / compilation: faster start-up (seconds instead of tens), slower decoding."""
+    enable_sleep_mode: bool = True
+    """GPU only: the engine frees its memory (weights offloaded, KV cache dropped) while DeepSpeed
+    updates, and wakes for the next rollouts. No effect on the CPU."""
+    enable_prefix_caching: bool = True
+    """Reuse the keys and values of shared prompt prefixes (a task's trajectories share the head);
+    reset after every weight push."""
+
+
+@dataclass
 class RolloutConfig:
     """How DCPO samples prompts and trajectories each step."""
 
@@ -188,7 +218,10 @@ class RolloutConfig:
     """Prompts per engine forward pass."""
     engine: str = "hf"
     """Rollout engine (``memact.engines.factory.ENGINES``): ``hf``, Hugging Face transformers on the
-    module DeepSpeed trains (no weight copy)."""
+    module DeepSpeed trains (no weight copy), or ``vllm``, an engine of its own beside each rank
+    that receives the weights after every update (``rollout.vllm``)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine."""
 
 
 @dataclass
@@ -218,6 +251,13 @@ class DCPOConfig:
     """Passes over each step's segments."""
     mini_batches: int = 1
     """Optimizer steps per pass: the step's prompts are split into this many groups."""
+    tis: str = "off"
+    """Truncated importance sampling of the rollout/trainer mismatch: ``off``, ``token`` (each
+    token's surrogate weighted by min(pi_trainer / pi_rollout, ``tis_cap``)) or ``sequence`` (one
+    weight per segment: the product over its tokens). For engines other than the trained
+    module (``rollout.engine: vllm``, bf16); docs/training.md says when."""
+    tis_cap: float = 2.0
+    """Upper truncation of the importance weight (> 0)."""
 
 
 @dataclass
@@ -372,6 +412,14 @@ def validate(cfg: Config) -> None:
     _check(r.curriculum_mode in CURRICULUM_MODES, "rollout.curriculum_mode", r.curriculum_mode,
            f"one of {CURRICULUM_MODES}")
     _check(r.engine in ENGINES, "rollout.engine", r.engine, f"one of {ENGINES}")
+    v = r.vllm
+    _check(v.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", v.tensor_parallel_size, ">= 1")
+    _check(0 < v.gpu_memory_utilization < 1, "rollout.vllm.gpu_memory_utilization", v.gpu_memory_utilization,
+           "in (0, 1)")
+    _check(v.cpu_kv_cache_gib > 0, "rollout.vllm.cpu_kv_cache_gib", v.cpu_kv_cache_gib, "> 0")
+    _check(v.max_num_seqs >= 1, "rollout.vllm.max_num_seqs", v.max_num_seqs, ">= 1")
+    _check(v.max_model_len >= 0, "rollout.vllm.max_model_len", v.max_model_len, ">= 0 (0: budget + max_new_tokens)")
+    _check(v.dtype in VLLM_DTYPES, "rollout.vllm.dtype", v.dtype, f"one of {VLLM_DTYPES}")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1")
     _check(r.n_traj >= 1, "rollout.n_traj", r.n_traj, ">= 1 (>= 2 for a non-zero advantage)")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0 (0 is greedy)")
@@ -391,6 +439,8 @@ def validate(cfg: Config) -> None:
     _check(d.clip_low >= 0 and d.clip_high >= 0, "dcpo.clip_low/clip_high", (d.clip_low, d.clip_high), ">= 0")
     _check(d.kl_coef >= 0, "dcpo.kl_coef", d.kl_coef, ">= 0")
     _check(d.ppo_epochs >= 1, "dcpo.ppo_epochs", d.ppo_epochs, ">= 1")
+    _check(d.tis in TIS_MODES, "dcpo.tis", d.tis, f"one of {TIS_MODES}")
+    _check(d.tis_cap > 0, "dcpo.tis_cap", d.tis_cap, "> 0")
     _check(1 <= d.mini_batches <= r.prompts_per_step, "dcpo.mini_batches", d.mini_batches,
            f"in [1, rollout.prompts_per_step={r.prompts_per_step}]")
     _check(cfg.sft.epochs >= 1, "sft.epochs", cfg.sft.epochs, ">= 1")

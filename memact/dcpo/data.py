@@ -160,6 +160,7 @@ class MicroBatch:
         advantages: [B] one advantage per sequence.
         traj_index: [B] trajectory ids.
         old_logprobs, ref_logprobs: [B, L-1] filled by the trainer (nats), or None.
+        is_weights: [B, L-1] truncated importance weights of the rollout mismatch (``dcpo.tis``), or None.
         index: positions of these sequences in the step's list.
         n_real_tokens: tokens of the sequences before padding (throughput counts these).
         packed: the packed rows the decoder runs on instead of ``input_ids``, or None.
@@ -179,6 +180,7 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None = None
     packed: PackedRows | None = None
     shared_prefix: int = 0
+    is_weights: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> MicroBatch:
         def mv(t):
@@ -186,7 +188,7 @@ class MicroBatch:
         return MicroBatch(mv(self.input_ids), mv(self.target_ids), mv(self.loss_mask), mv(self.rollout_logprobs),
                           mv(self.advantages), mv(self.traj_index), self.index, self.n_real_tokens, mv(self.old_logprobs),
                           mv(self.ref_logprobs), None if self.packed is None else self.packed.to(device),
-                          self.shared_prefix)
+                          self.shared_prefix, mv(self.is_weights))
 
 
 def collate(seqs: list[TrainSequence], index: list[int], pad_id: int, pad_to_multiple_of: int = 1) -> MicroBatch:

@@ -12,12 +12,15 @@ batch, whatever the split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 AGG_MODES = ("token_mean", "trajectory", "seq_mean")
+TIS_MODES = ("off", "token", "sequence")
+"""Truncated importance sampling of the rollout/trainer mismatch (:func:`tis_weights`)."""
 
 
 def _check_mask(loss_mask: torch.Tensor, like: torch.Tensor, like_name: str) -> torch.Tensor:
@@ -170,6 +173,43 @@ class StepNormalizer:
         )
 
 
+@torch.no_grad()
+def tis_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, loss_mask: torch.Tensor,
+                mode: str = "token", cap: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights of the trainer's policy against the engine that sampled.
+
+    The rollout engine samples from pi_rollout (vLLM's kernels, bf16), the surrogate's ratio
+    is taken against the trainer's pi_old: each token's loss is weighted by
+    min(pi_old / pi_rollout, cap), so the gradient is that of samples from pi_old.
+
+    Args:
+        old_log_probs, rollout_log_probs: [B, T] nats (the trainer's before the update; the engine's).
+        loss_mask: [B, T] 1 on trained tokens.
+        mode: ``token`` (a ratio per token) or ``sequence`` (one ratio per row: the product over
+            its trained tokens, i.e. exp of the summed log-ratio).
+        cap: the truncation, > 0.
+
+    Returns:
+        weights: [B, T] detached, 0 where the mask is 0.
+        truncated: [B, T] bool, True where the ratio exceeded ``cap`` (per row for ``sequence``).
+    """
+    _check_2d(old_log_probs, "old_log_probs")
+    _check_same(rollout_log_probs, "rollout_log_probs", old_log_probs)
+    mask = _check_mask(loss_mask, old_log_probs, "old_log_probs")
+    if cap <= 0:
+        raise ValueError(f"the truncation cap must be > 0, got {cap}")
+    log_ratio = (old_log_probs.float() - rollout_log_probs.float()).masked_fill(~mask, 0.0)
+    if mode == "token":
+        pass
+    elif mode == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
+    else:
+        raise ValueError(f"TIS mode {mode!r}: expected token or sequence")
+    ratio = torch.exp(log_ratio.clamp(max=math.log(cap) + 1.0))  # no overflow; anything above cap is cut anyway
+    truncated = (log_ratio > math.log(cap)) & mask
+    return ratio.clamp(max=cap).masked_fill(~mask, 0.0), truncated
+
+
 def aggregate(
     per_token: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -242,6 +282,7 @@ def dcpo_loss(
     entropy_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     agg: str = "token_mean",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Micro-batch DCPO loss: clipped surrogate + kl_coef * KL_k3 - entropy_coef * entropy.
 
@@ -261,6 +302,8 @@ def dcpo_loss(
         entropy_coef: weight of the entropy bonus (subtracted); != 0 needs ``entropy``.
         entropy: [B, T] per-token entropy of the policy (nats), from the caller's kernel.
         agg: "token_mean", "trajectory" or "seq_mean" (see ``aggregate``).
+        is_weights: [B, T] detached weights of the surrogate's tokens (:func:`tis_weights`), or
+            None (1 everywhere).
 
     Returns:
         loss: 0-d tensor.
@@ -271,6 +314,7 @@ def dcpo_loss(
     _check_2d(log_probs, "log_probs")
     _check_same(ref_log_probs, "ref_log_probs", log_probs)
     _check_same(entropy, "entropy", log_probs)
+    _check_same(is_weights, "is_weights", log_probs)
     if kl_coef != 0.0 and ref_log_probs is None:
         raise ValueError("ref_log_probs [B, T] is required when kl_coef != 0")
     if entropy_coef != 0.0 and entropy is None:
@@ -280,6 +324,8 @@ def dcpo_loss(
         log_probs, old_log_probs, advantages, loss_mask, clip_low=clip_low, clip_high=clip_high
     )
     mask = _check_mask(loss_mask, log_probs, "log_probs")
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     pg_loss = aggregate(per_token, mask, agg, normalizer, traj_index)
     loss = pg_loss
 

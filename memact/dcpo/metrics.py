@@ -169,6 +169,10 @@ class UpdateStats:
     grad_norms: list[float] | None = None
     optimizer_steps: int = 0
     micro_batches: int = 0
+    push_s: float = 0.0  # wall time of the weight push after the update
+    tis_weight_sum: float = 0.0  # truncated importance weights over the step's trained tokens
+    tis_truncated: int = 0  # tokens whose weight hit dcpo.tis_cap
+    tis_tokens: int = 0
 
 
 
@@ -196,6 +200,9 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "diff_n": diff.numel(),
         "diff_max": float(diff.max()) if diff.numel() else 0.0,
         "ratio_max": stats.ratio_max,
+        "tis_weight_sum": stats.tis_weight_sum,
+        "tis_truncated": stats.tis_truncated,
+        "tis_tokens": stats.tis_tokens,
     }
     a = gather_parts(part, dist or DistInfo(0, 1, 0))
     adv, tokens = a["adv"], max(a["tokens"], 1)
@@ -219,6 +226,8 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "lr": lr,  # the rate of this step's first update
         "logprob_mismatch_mean": a["diff_sum"] / a["diff_n"] if a["diff_n"] else 0.0,
         "logprob_mismatch_max": a["diff_max"],
+        "tis_weight_mean": a["tis_weight_sum"] / max(a["tis_tokens"], 1),
+        "tis_truncated_frac": a["tis_truncated"] / max(a["tis_tokens"], 1),
         "segments_per_traj": mean(a["segments"]),
         "segments_trained": a["segments_trained"],
         "micro_batches": a["micro_batches"],
@@ -233,6 +242,7 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "update_tok_s": a["fed_tokens"] / max(t_update, 1e-9),
         "rollout_s": t_rollout,
         "update_s": t_update,
+        "push_s": stats.push_s,
         "step_s": t_step,
     }
 

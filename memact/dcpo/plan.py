@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from memact.dcpo.config import Config, ConfigError
 from memact.dcpo.distributed import (
@@ -44,6 +45,10 @@ def check_world(cfg: Config, world_size: int) -> None:
     if r.context_budget > b.max_seq_len:
         raise ConfigError(f"rollout.context_budget={r.context_budget}: expected <= batch.max_seq_len "
                           f"({b.max_seq_len}); a segment can be as long as the context budget")
+    tp = cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    if world_size % tp:
+        raise ConfigError(f"rollout.vllm.tensor_parallel_size={tp}: expected a divisor of the world size {world_size} "
+                          "(one engine per group of that many ranks)")
     p = cfg.rollout.prompts_per_step
     if p % world_size:
         raise ConfigError(f"rollout.prompts_per_step={p}: expected a multiple of the world size {world_size}")
@@ -61,8 +66,11 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
-    """The report ``memact train|sft --dry-run`` prints (DeepSpeed's own estimate table goes to stdout too)."""
+def dry_run(cfg: Config, world: World, mode: str = "train", gpu_gib: float = 80.0) -> str:
+    """The report ``memact train|sft --dry-run`` prints (DeepSpeed's own estimate table goes to stdout too).
+
+    ``gpu_gib``: memory of one GPU, for the plan of a colocated vLLM engine (``rollout.engine: vllm``).
+    """
     if mode == "train":
         check_world(cfg, world.size)
     ds = deepspeed_config(cfg)
@@ -121,8 +129,8 @@ def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
     else:
         lines.append(f"memory       DeepSpeed estimate of model states (params, grads, optimizer) per GPU: "
                      f"{gib:.1f} GiB (activations not included)")
+    ref_gib = total * (2 if cfg.model.dtype == "bfloat16" else 4) / 2**30
     if mode == "train" and d.kl_coef > 0 and not cfg.lora.enabled:
-        ref_gib = total * (2 if cfg.model.dtype == "bfloat16" else 4) / 2**30
         if stage == 3:
             lines.append(f"reference    + {ref_gib / world.size:.1f} GiB per GPU: the frozen initial model, "
                          f"ZeRO-3-sharded over {world.size} rank(s) (a DeepSpeed engine without optimizer; "
@@ -130,6 +138,71 @@ def dry_run(cfg: Config, world: World, mode: str = "train") -> str:
         else:
             lines.append(f"reference    + {ref_gib:.1f} GiB per GPU: the frozen initial model is a full, unsharded "
                          f"copy at ZeRO stage {stage} (kl_coef > 0; ZeRO 3 shards it, LoRA avoids it)")
+    if mode == "train" and r.engine == "vllm":
+        ref = ref_gib if d.kl_coef > 0 and not cfg.lora.enabled else 0.0
+        lines += vllm_plan(cfg, model.config, total, gib, ref / (world.size if stage == 3 else 1), gpu_gib,
+                           world.size)
     print("\n".join(lines), flush=True)
     print_deepspeed_estimates(stage, total, largest, world.gpus_per_node, world.nodes)
     return "\n".join(lines)
+
+
+GIB = 2**30
+VLLM_RESERVE_GIB = 2.0  # vLLM's own activations and buffers inside its share, besides weights and KV cache
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def activation_gib(cfg: Config, hf: Any) -> float:
+    """A rough upper bound on the update's activations per GPU: one micro-batch of
+    ``batch.max_tokens_per_micro_batch`` tokens (layer inputs kept for every layer with gradient
+    checkpointing, else every layer's intermediates), one layer's intermediates, and the fp32
+    logits of the output layer (the fused log-prob kernel avoids those)."""
+    t = cfg.batch.max_tokens_per_micro_batch
+    b = _bytes(cfg.model.dtype)
+    hidden, inter, layers = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers
+    per_layer = t * (10 * hidden + 3 * inter) * b  # attention and MLP intermediates of one layer
+    kept = t * hidden * b * layers if cfg.model.gradient_checkpointing else per_layer * layers
+    logits = 0 if cfg.model.fused_logprobs else 2 * t * hf.vocab_size * 4  # logits and their gradient, fp32
+    return (kept + per_layer + logits) / GIB
+
+
+def vllm_plan(cfg: Config, hf: Any, total: int, states_gib: float | None, ref_gib: float, gpu_gib: float,
+              ranks: int = 1) -> list[str]:
+    """Lines of the dry run for a vLLM engine beside each rank: both phases of a step on one GPU."""
+    v, r = cfg.rollout.vllm, cfg.rollout
+    dtype = cfg.model.dtype if v.dtype == "auto" else v.dtype
+    weights = total * _bytes(dtype) / v.tensor_parallel_size / GIB
+    share = v.gpu_memory_utilization * gpu_gib
+    kv = share - weights - VLLM_RESERVE_GIB
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kv_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * _bytes(dtype) / v.tensor_parallel_size
+    tokens = max(kv, 0) * GIB / kv_token
+    states = states_gib if states_gib is not None else 0.0
+    act = activation_gib(cfg, hf)
+    trainer_static = states + ref_gib
+    lines = [
+        f"vllm         one engine per rank (TP {v.tensor_parallel_size}, {dtype}), colocated on a {gpu_gib:g} GiB "
+        f"GPU: share {v.gpu_memory_utilization:g} = {share:.1f} GiB = weights {weights:.1f} + KV cache {kv:.1f} + "
+        f"~{VLLM_RESERVE_GIB:g} its own",
+        f"  KV cache   {kv_token / 2**20:.3f} MiB a token -> {tokens:,.0f} tokens = {tokens / r.context_budget:.1f} "
+        f"contexts of {r.context_budget} (prefix caching shares each task's head); "
+        f"{r.prompts_per_step * r.n_traj // ranks} episodes a rank a step",
+        f"  rollouts   trainer states {states:.1f} + reference {ref_gib:.1f} + vLLM {share:.1f} = "
+        f"{trainer_static + share:.1f} GiB of {gpu_gib:g}" + ("" if trainer_static + share <= gpu_gib else
+                                                                 "  ** does not fit **"),
+    ]
+    if v.enable_sleep_mode:
+        lines.append(f"  update     vLLM asleep (weights offloaded, KV cache freed): trainer states {states:.1f} + "
+                     f"reference {ref_gib:.1f} + activations <= {act:.1f} (rough) = {trainer_static + act:.1f} GiB of "
+                     f"{gpu_gib:g}" + ("" if trainer_static + act <= gpu_gib else "  ** does not fit **"))
+    else:
+        lines.append(f"  update     vLLM awake (enable_sleep_mode false): {trainer_static + share + act:.1f} GiB of "
+                     f"{gpu_gib:g} with activations <= {act:.1f} (rough)"
+                     + ("" if trainer_static + share + act <= gpu_gib else "  ** does not fit **"))
+    if kv <= 0:
+        lines.append("  ** the share holds no KV cache: raise rollout.vllm.gpu_memory_utilization or "
+                     "tensor_parallel_size **")
+    return lines

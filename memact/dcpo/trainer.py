@@ -32,7 +32,7 @@ from memact.dcpo.distributed import (
     start_process,
     step_normalizer,
 )
-from memact.dcpo.losses import dcpo_loss
+from memact.dcpo.losses import dcpo_loss, tis_weights
 from memact.dcpo.metrics import MetricsLogger, StepBar, UpdateStats, step_metrics
 from memact.dcpo.modeling import frozen_reference, load_for_training, reference_logprobs, token_logprobs
 from memact.dcpo.packing import build_micro_batches
@@ -56,15 +56,20 @@ def train(cfg: Config) -> Path:
     model, tokenizer = load_for_training(cfg)
     ref = frozen_reference(model, cfg) if cfg.dcpo.kl_coef > 0 else None  # the initial policy, frozen
     engine = init_deepspeed(model, cfg, total_steps=cfg.run.steps * cfg.dcpo.ppo_epochs * cfg.dcpo.mini_batches)
-    rollout = Rollout(engine.module, tokenizer, cfg.rollout)
+    group, n_groups, member = rollout_group(cfg, dist)
+    rollout = Rollout(engine.module, tokenizer, cfg.rollout, model_dir=cfg.model.path, model_dtype=cfg.model.dtype,
+                      seed=cfg.run.seed + group, colocated=dist.world_size > 1 and torch.cuda.is_available())
     first_step = resume(engine, rollout, cfg.run.resume) if cfg.run.resume else 0
+    push_weights(rollout, engine, first_step)  # an engine of its own may hold other weights than the trainer's
     log, bar = open_run(run_dir, cfg, dist, engine, first_step)
     for step in range(first_step, cfg.run.steps):
         t0 = time.perf_counter()
-        seed = step_seed(cfg.run.seed, step, dist.rank)
-        tasks, groups = sample_prompts(cfg.rollout, cfg.run.seed, step, dist, cfg.run.steps)
+        seed = step_seed(cfg.run.seed, step, group)
+        tasks, prompt_ids = sample_prompts(cfg.rollout, cfg.run.seed, step, DistInfo(group, n_groups, 0), cfg.run.steps)
         with full_weights(engine):
-            trajs = rollout.run(tasks, groups, seed)
+            trajs = rollout.run(tasks, prompt_ids, seed, step)
+        rollout.sleep()  # a colocated vLLM engine frees the GPU for the update
+        trajs, groups = my_share(trajs, prompt_ids, member, dist.world_size // n_groups)
         t_rollout = time.perf_counter() - t0
         rewards = [t.reward for t in trajs]
         traj_adv = group_advantages(rewards, groups, cfg.dcpo.adv_norm, cfg.dcpo.adv_estimator)
@@ -75,7 +80,10 @@ def train(cfg: Config) -> Path:
         t1, lr = time.perf_counter(), engine.get_lr()[0]
         stats = update(engine, minis, cfg, dist)
         t_update = time.perf_counter() - t1
-        sync_weights(rollout.engine, engine)
+        count_tis(minis, cfg.dcpo, stats)
+        t_push = time.perf_counter()
+        push_weights(rollout, engine, step + 1)
+        stats.push_s = time.perf_counter() - t_push
         row = step_metrics(step, trajs, traj_adv, segments, seqs, minis, stats, lr, t_rollout, t_update,
                            time.perf_counter() - t0, dist)
         log.log(row)
@@ -85,22 +93,34 @@ def train(cfg: Config) -> Path:
                             cfg.run.keep_checkpoints, dist.is_main)
     bar.stop()
     log.close()
+    rollout.close()
     return run_dir
 
 
 # ----------------------------------------------------------------------------- rollouts
 
 
+class StaleWeightsError(RuntimeError):
+    """The rollout engine holds other weights than the policy the trainer is at."""
+
+
 class Rollout:
     """The rollout side: an engine from the factory (``rollout.engine``), plus episode settings.
 
     The HF engine shares the trained module (no weight copy); an engine with weights of its
-    own receives them in :func:`sync_weights` after every update.
+    own (vLLM) receives them in :func:`push_weights` after every update. ``weights_step`` is
+    the training step whose weights the engine holds: :meth:`run` refuses to roll out for
+    another step, so a step that forgot the push stops instead of training on stale samples.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, rc: RolloutConfig, progress: bool = False):
+    def __init__(self, model: Any, tokenizer: Any, rc: RolloutConfig, progress: bool = False,
+                 model_dir: str = "", model_dtype: str = "float32", seed: int = 0, colocated: bool = False):
         self.pad_id = pad_token_id(tokenizer)
-        self.engine = build_engine(rc.engine, model, tokenizer, max_batch_size=rc.max_batch_size)
+        options = vllm_options(rc, model_dtype)
+        if colocated:  # vLLM in this process on this rank's GPU, its TP group from the trainer's torch.distributed
+            options["distributed_executor_backend"] = "external_launcher"
+        self.engine = build_engine(rc.engine, model, tokenizer, max_batch_size=rc.max_batch_size,
+                                   model_dir=model_dir or None, seed=seed, vllm=options)
         self.renderer = ChatRenderer(tokenizer)
         self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
                                        max_new_tokens=rc.max_new_tokens)
@@ -108,14 +128,62 @@ class Rollout:
         self.strategy = parse_strategy(rc.strategy)
         self.curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode)
         self.progress = progress
+        self.weights_step: int | None = None
 
     @property
     def generator(self) -> torch.Generator:
         return self.engine.generator
 
-    def run(self, tasks: list[Task], groups: list[int], seed: int) -> list[Trajectory]:
+    def run(self, tasks: list[Task], groups: list[int], seed: int, step: int | None = None) -> list[Trajectory]:
+        """Episodes of ``tasks``; with ``step``, only from the weights of that training step."""
+        if step is not None and self.weights_step != step:
+            raise StaleWeightsError(
+                f"step {step}: the rollout engine holds the weights of step {self.weights_step} "
+                "(push_weights was not called after the last update): its samples would be stale")
+        self.wake_up()
         return run_episodes(self.engine, tasks, self.renderer, self.sampling, budget=self.budget,
                             strategy=self.strategy, seed=seed, groups=groups, progress=self.progress)
+
+    def sleep(self) -> None:
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+
+    def wake_up(self) -> None:
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up()
+
+    def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+
+
+def rollout_group(cfg: Config, dist: DistInfo) -> tuple[int, int, int]:
+    """(group, number of groups, place in the group) of this rank: the ranks of one
+    tensor-parallel vLLM engine form a group, which rolls out one set of prompts together."""
+    tp = cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    return dist.rank // tp, dist.world_size // tp, dist.rank % tp
+
+
+def my_share(trajs: list[Trajectory], groups: list[int], member: int, size: int) -> tuple[list[Trajectory], list[int]]:
+    """This rank's whole prompt groups of what its tensor-parallel group rolled out (every member
+    holds the same trajectories; each trains a disjoint share, so each token is trained once)."""
+    if size == 1:
+        return trajs, groups
+    keep = set(sorted(set(groups))[member::size])
+    mine = [i for i, g in enumerate(groups) if g in keep]
+    return [trajs[i] for i in mine], [groups[i] for i in mine]
+
+
+def vllm_options(rc: RolloutConfig, model_dtype: str) -> dict[str, Any]:
+    """``rollout.vllm`` as :class:`memact.engines.vllm.VLLMEngine` keyword arguments."""
+    v = rc.vllm
+    return {
+        "tensor_parallel_size": v.tensor_parallel_size, "gpu_memory_utilization": v.gpu_memory_utilization,
+        "cpu_kv_cache_gib": v.cpu_kv_cache_gib, "max_num_seqs": v.max_num_seqs,
+        "max_model_len": v.max_model_len or rc.context_budget + rc.max_new_tokens,
+        "dtype": model_dtype if v.dtype == "auto" else v.dtype, "enforce_eager": v.enforce_eager,
+        "enable_sleep_mode": v.enable_sleep_mode, "enable_prefix_caching": v.enable_prefix_caching,
+    }
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -187,8 +255,9 @@ def trainer_temperature(cfg: Config) -> float:
 def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch]], cfg: Config,
                               dist: DistInfo | None = None) -> None:
     """Old log-probs from the current policy before any update (the ratio's denominator), and
-    reference log-probs when the KL term is on. The engine's rollout log-probs stay for the
-    mismatch metric only: the trainer's forward is the consistent baseline for the ratio."""
+    reference log-probs when the KL term is on. The engine's rollout log-probs serve the
+    mismatch metric and, with ``dcpo.tis``, the truncated importance weights pi_old / pi_rollout:
+    the trainer's forward is the consistent baseline for the ratio."""
     dist = dist or DistInfo(0, 1, 0)
     temp = trainer_temperature(cfg)
     mine = [mb for mbs in minis for mb in mbs]
@@ -196,6 +265,22 @@ def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch
         mb.old_logprobs, _ = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)
         if cfg.dcpo.kl_coef > 0:
             mb.ref_logprobs = reference_logprobs(engine, ref, mb, temp, fused=cfg.model.fused_logprobs)
+        if cfg.dcpo.tis != "off" and not is_idle(mb):
+            mb.is_weights, _ = tis_weights(mb.old_logprobs, mb.rollout_logprobs, mb.loss_mask, cfg.dcpo.tis,
+                                           cfg.dcpo.tis_cap)
+
+
+def count_tis(minis: list[list[MicroBatch]], dc: DCPOConfig, stats: UpdateStats) -> None:
+    """The step's truncated importance weights and how many hit the cap: those in use with
+    ``dcpo.tis``, else the token-level ones the option would give (a measure of the mismatch)."""
+    mode = dc.tis if dc.tis != "off" else "token"
+    for mb in (mb for mbs in minis for mb in mbs):
+        if is_idle(mb):
+            continue
+        w, cut = tis_weights(mb.old_logprobs, mb.rollout_logprobs, mb.loss_mask, mode, dc.tis_cap)
+        stats.tis_weight_sum += float(w.sum())
+        stats.tis_truncated += int(cut.sum())
+        stats.tis_tokens += int(mb.loss_mask.sum())
 
 
 def update(engine: Any, minis: list[list[MicroBatch]], cfg: Config, dist: DistInfo) -> UpdateStats:
@@ -228,7 +313,7 @@ def accumulate(engine: Any, mbs: list[MicroBatch], cfg: Config, dist: DistInfo, 
         loss, m = dcpo_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, norm,
                             traj_index=mb.traj_index, clip_low=dc.clip_low, clip_high=dc.clip_high,
                             kl_coef=dc.kl_coef, ref_log_probs=mb.ref_logprobs,
-                            entropy_coef=dc.entropy_coef, entropy=ent, agg=dc.loss_agg)
+                            entropy_coef=dc.entropy_coef, entropy=ent, agg=dc.loss_agg, is_weights=mb.is_weights)
         # DeepSpeed averages gradients over ranks; the normaliser is already global.
         engine.backward(loss * dist.world_size, scale_wrt_gas=False)
         n = float(m["n_tokens"])
@@ -243,19 +328,36 @@ def accumulate(engine: Any, mbs: list[MicroBatch], cfg: Config, dist: DistInfo, 
         stats.micro_batches += 1
 
 
-def sync_weights(rollout_engine: Any, engine: Any) -> None:
-    """Push the updated weights to the rollout engine (``SyncsWeights.sync_weights(named_tensors)``).
+def push_weights(rollout: Rollout, engine: Any, step: int) -> None:
+    """Give the rollout engine the trainer's weights; from now on it rolls out for ``step``.
 
-    The CPU ``HFEngine`` shares the trained module, so its copy is skipped tensor by tensor;
-    an engine with its own weights (vLLM, another device) copies them here.
+    The HF engine shares the trained module: nothing to copy. An engine with its own weights
+    (``sync_weights(named_tensors)``) gets them under the HF checkpoint's names: LoRA merged in
+    (``merged_lora_state_dict``), ZeRO-3 parameters gathered a bucket at a time
+    (``iter_zero3_params``), the tied output layer added by the engine. Every rank runs this
+    (gathering is collective); each rank's own engine receives the weights.
     """
-    sync = getattr(rollout_engine, "sync_weights", None)
-    if sync is None:
-        if getattr(rollout_engine, "model", None) is not engine.module:
+    if getattr(rollout.engine, "model", None) is not engine.module:
+        sync = getattr(rollout.engine, "sync_weights", None)
+        if sync is None:
             raise RuntimeError("the rollout engine neither shares the trained model nor has sync_weights()")
-        return
-    with full_weights(engine):
-        sync(engine.module.state_dict(keep_vars=True).items())
+        rollout.wake_up()
+        sync(trained_weights(engine))
+    rollout.weights_step = step
+
+
+def trained_weights(engine: Any) -> Any:
+    """The trained policy's parameters as ``(HF checkpoint name, tensor)`` pairs, whole."""
+    from memact.dcpo.modeling import core_model, merged_lora_state_dict
+
+    if hasattr(engine.module, "get_base_model"):  # LoRA: what a merged checkpoint would hold
+        with full_weights(engine):
+            return list(merged_lora_state_dict(engine.module).items())
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        from memact.engines.vllm import iter_zero3_params
+
+        return iter_zero3_params(core_model(engine.module))
+    return list(core_model(engine.module).named_parameters())
 
 
 # ----------------------------------------------------------------------------- state

@@ -92,8 +92,15 @@ class VLLMEngine:
             exact comparisons with the trainer.
         enable_sleep_mode: allow :meth:`sleep` to free GPU memory while the trainer runs
             (colocated). Not supported by the CPU backend, where sleep/wake are no-ops.
+        cpu_kv_cache_gib: the CPU backend's KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB; the
+            environment wins).
         eos_token_id: the end-of-turn id (default: the tokenizer's ``<|im_end|>``).
-        seed: seed of the engine's sampler.
+        seed: seed of the engine's sampler. On a GPU a call without ``sampling.seed`` draws
+            one seed per prompt from :attr:`generator`, so its state (kept in checkpoints)
+            replays the samples after a resume. vLLM 0.32's CPU backend fails on seeded requests
+            whose prefill is chunked ("CPU Generator does not use offset"), so there such calls
+            use the engine's own sampler: seeded by ``seed``, reproducible from a fresh start,
+            not across a resume.
         **kw: passed to ``vllm.LLM`` (e.g. ``max_model_len``, ``enforce_eager``,
             ``logprobs_mode``; the default here is ``processed_logprobs``: log-probs of
             softmax(logits / T), the distribution the trainer recomputes).
@@ -101,13 +108,15 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | os.PathLike, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, dtype: str = "auto",
-                 enable_sleep_mode: bool = False, eos_token_id: int | None = None, seed: int = 0, **kw: Any):
+                 enable_sleep_mode: bool = False, cpu_kv_cache_gib: float = 1.0, eos_token_id: int | None = None,
+                 seed: int = 0, **kw: Any):
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # else start-up fails its free-memory check
+            # Without it start-up fails its free-memory check.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
         self.sleep_mode = enable_sleep_mode and not self.on_cpu
         if enable_sleep_mode and self.on_cpu:
             log.info("VLLMEngine: sleep mode is not supported by vLLM's CPU backend; sleep()/wake_up() do nothing")
@@ -127,6 +136,7 @@ class VLLMEngine:
         self.max_model_len = model_config.max_model_len
         self.tie_word_embeddings = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         self._warned_top_p = False
+        self.generator = torch.Generator().manual_seed(seed)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         from vllm import SamplingParams as VLLMSamplingParams
@@ -138,6 +148,12 @@ class VLLMEngine:
                         "(HFEngine reports the full softmax(logits / T))")
         stop = list(sampling.stop_token_ids or (self.eos_token_id,))
         results: list[Generation | None] = [None] * len(prompts)
+        if sampling.seed is not None:  # a seeded call must not give a group of equal prompts equal samples
+            seeds: list[int | None] = [sampling.seed + i for i in range(len(prompts))]
+        elif not self.on_cpu:  # one seed per row from the engine's generator, whose state checkpoints keep
+            seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=self.generator).tolist()
+        else:  # vLLM's CPU backend cannot rewind a seeded request's generator after a chunked prefill
+            seeds = [None] * len(prompts)
         todo, params = [], []
         for i, p in enumerate(prompts):
             if not p or len(p) >= self.max_model_len:
@@ -148,9 +164,7 @@ class VLLMEngine:
             params.append(VLLMSamplingParams(
                 temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
                 max_tokens=min(sampling.max_new_tokens, self.max_model_len - len(p)), stop_token_ids=stop,
-                ignore_eos=True, logprobs=0, detokenize=False, skip_special_tokens=False,
-                # one seed per row: a seeded call must not give a group of equal prompts equal samples
-                seed=None if sampling.seed is None else sampling.seed + i,
+                ignore_eos=True, logprobs=0, detokenize=False, skip_special_tokens=False, seed=seeds[i],
             ))
         if todo:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompts[i])) for i in todo], params,
@@ -177,6 +191,10 @@ class VLLMEngine:
             sent += len(bucket)
         self.llm.reset_prefix_cache()
         return sent
+
+    def close(self) -> None:
+        """Stop the engine's processes (also done at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self, level: int = 1) -> None:
         """Free GPU memory (level 1: weights to CPU, KV cache dropped) while the trainer runs."""

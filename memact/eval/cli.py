@@ -16,6 +16,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
 
     p = sub.add_parser(
@@ -36,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="step budget")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default greedy)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest turn")
+    p.add_argument("--engine", default="hf", choices=ENGINES,
+                   help="what rolls out model directories: hf (transformers) or vllm (needs vLLM installed)")
     p.add_argument("--judge", default=None, help="openai:MODEL: an LLM judge for answers that miss exact match")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -43,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memact.agent.rollout import close_engines
     from memact.agent.strategies import parse_strategy
     from memact.engines.base import SamplingParams
     from memact.env.memory import Budget
@@ -60,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
         judge = make_judge(args.judge)
     spec = EvalSpec.grid(policies, strategies, args.objectives, n=args.n, seed=args.seed, data=args.data,
                     budget=Budget(args.context_budget, args.max_steps),
-                    sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
-    summary = evaluate(spec, args.out, judge=judge, progress=not args.quiet)
+                    sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens),
+                    engine=args.engine)
+    try:
+        summary = evaluate(spec, args.out, judge=judge, progress=not args.quiet)
+    finally:
+        close_engines()
     path = write_report(summary, args.out, title="memact evaluation",
                         preamble=f"Data: {args.data or 'synthetic'}; n={args.n} tasks per cell; "
                         f"context budget {args.context_budget} tokens; seed {args.seed}.")

@@ -44,6 +44,7 @@ class EvalSpec:
     data: str | None = None  # None: synthetic; "hotpotqa:PATH": a local HotpotQA-format file
     budget: Budget | None = None
     sampling: SamplingParams | None = None
+    engine: str = "hf"  # what rolls out model directories: memact.engines.factory.ENGINES
 
     @classmethod
     def grid(cls, policies: list[str], strategies: list[str], objectives: list[int], **kw) -> EvalSpec:
@@ -128,7 +129,7 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
                 t0 = time.time()
                 tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed)
                 trajs = rollout(system.policy, k, spec.n, seed=spec.seed, budget=budget, sampling=sampling,
-                                progress=progress, strategy=strategy, tasks=tasks)
+                                progress=progress, strategy=strategy, tasks=tasks, engine=spec.engine)
                 rows = [episode_row(name, strategy, t, tr, judge) for t, tr in zip(tasks, trajs)]
                 for r in rows:
                     f.write(json.dumps(r) + "\n")

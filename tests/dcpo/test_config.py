@@ -71,6 +71,14 @@ def test_dry_run_14b_without_weights(capsys, tmp_path):
     # The paper's "40 steps" is the per-episode turn budget; training steps are a separate knob.
     assert "40 turns per episode (rollout.max_steps)" in out and "DCPO training steps (run.steps)" in out
     assert "reference    + 3.4 GiB per GPU: the frozen initial model, ZeRO-3-sharded over 8 rank(s)" in out
+    # The colocated vLLM plan: weights 14.77B x 2 bytes, the rest of the share is KV cache, both phases fit.
+    assert "share 0.7 = 56.0 GiB = weights 27.5 + KV cache 26.5" in out and "0.188 MiB a token" in out
+    assert "rollouts   trainer states 6.3 + reference 3.4 + vLLM 56.0 = 65.8 GiB of 80" in out
+    assert "vLLM asleep" in out and "does not fit" not in out
+    rc = main(["train", "--config", str(configs_dir() / "qwen2.5_14b_dcpo_8xh100.yaml"), "--dry-run",
+               "--num-gpus", "8", f"model.path={tmp_path / 'absent'}", "deepspeed.offload_optimizer=false",
+               "rollout.vllm.enable_sleep_mode=false"])
+    assert rc == 0 and "does not fit" in capsys.readouterr().out  # Adam states on the GPU and vLLM awake
 
 
 def test_dry_run_rejects_uneven_world(tmp_path):

@@ -301,3 +301,27 @@ def test_zero3_refuses_fused_logprobs(micro_model_dir):
     cfg = load_config(None, [f"model.path={micro_model_dir}", "deepspeed.zero_stage=3", "model.fused_logprobs=true"])
     with pytest.raises(ConfigError, match="fused_logprobs=true is not supported with ZeRO stage 3"):
         load_for_training(cfg)
+
+
+def test_tensor_parallel_groups_roll_out_together_and_train_disjoint_shares():
+    from memact.dcpo.trainer import my_share, rollout_group
+
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2", "rollout.prompts_per_step=8"])
+    assert [rollout_group(cfg, DistInfo(r, 4, r)) for r in range(4)] == [(0, 2, 0), (0, 2, 1), (1, 2, 0), (1, 2, 1)]
+    assert rollout_group(load_config(None, []), DistInfo(3, 4, 3)) == (3, 4, 0)  # HF: every rank its own
+    rc = cfg.rollout
+    _, groups = sample_prompts(rc, seed=0, step=0, dist=DistInfo(0, 2, 0))  # group 0 of 2: prompts 0, 2, 4, 6
+    trajs = list(range(len(groups)))
+    shares = [my_share(trajs, groups, m, 2) for m in (0, 1)]
+    assert sorted(set(shares[0][1])) == [0, 4] and sorted(set(shares[1][1])) == [2, 6]  # whole prompts each
+    assert sorted(shares[0][0] + shares[1][0]) == trajs  # every trajectory trained by exactly one member
+    assert my_share(trajs, groups, 0, 1) == (trajs, groups)
+
+
+def test_dry_run_refuses_a_tensor_parallel_size_that_does_not_divide_the_world():
+    from memact.dcpo.config import ConfigError
+    from memact.dcpo.plan import check_world
+
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=3", "rollout.prompts_per_step=8"])
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3: expected a divisor of the world size 4"):
+        check_world(cfg, 4)

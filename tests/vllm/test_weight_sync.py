@@ -92,7 +92,22 @@ def test_without_vllm_the_engine_says_how_to_install(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_iter_zero3_params_gathers_whole_weights_bucket_by_bucket():
-    """ZeRO-3 in one process (world size 1): whole tensors come out, shards stay sharded."""
+    """ZeRO-3 in one process (world size 1): whole tensors come out, shards stay sharded.
+
+    In a fresh interpreter: an in-process vLLM engine (tests/vllm/test_vllm_engine.py) tears
+    down torch.distributed when it stops, and DeepSpeed's cached process groups go stale."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_weight_sync as t; t._zero3_check()"
+    env = {k: v for k, v in os.environ.items()  # not this process's rendezvous: its port is taken
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=env)
+
+
+def _zero3_check():
     from memact.dcpo.distributed import init_env
     from memact.models.model import build_model
 
