@@ -72,10 +72,8 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
                          "or a model directory")
     mtime = (path / "config.json").stat().st_mtime
     if engine == "vllm":
-        from memact.models.model import load_tokenizer
-
         tok = load_tokenizer(path)
-        return PolicyHandle(_vllm_cached(str(path.resolve()), mtime, max_model_len), tok, True, path.name)
+        return PolicyHandle(_vllm_cached(str(path.resolve()), mtime, max_model_len, tok), tok, True, path.name)
     model, tok = _load_cached(str(path.resolve()), mtime)
     return PolicyHandle(build_engine(engine, model, tok), tok, True, path.name)
 
@@ -83,16 +81,14 @@ def make_policy(spec: str, tasks: list[Task], tokenizer_dir: str | None = None, 
 _VLLM: dict[tuple[str, float, int], Any] = {}
 
 
-def _vllm_cached(path: str, mtime: float, max_model_len: int):
+def _vllm_cached(path: str, mtime: float, max_model_len: int, tokenizer: Any):
     """The vLLM engine of a model directory (start-up takes seconds to minutes): only the last one
     is kept, the one before is stopped."""
-    from memact.models.model import load_tokenizer
-
     key = (path, mtime, max_model_len)
     if key not in _VLLM:
         close_engines()
         options = {"max_model_len": max_model_len} if max_model_len else {}
-        _VLLM[key] = build_engine("vllm", None, load_tokenizer(path), model_dir=path, vllm=options)
+        _VLLM[key] = build_engine("vllm", None, tokenizer, model_dir=path, vllm=options)
     return _VLLM[key]
 
 

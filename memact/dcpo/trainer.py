@@ -77,10 +77,11 @@ def train(cfg: Config) -> Path:
         seqs = select_segments(segments, traj_adv, groups, cfg.dcpo, random.Random(seed))
         minis = pack_mini_batches(seqs, cfg, rollout.pad_id, engine.device)
         fill_old_and_ref_logprobs(engine, ref, minis, cfg, dist)
+        tis = importance_weights(minis, cfg.dcpo)
         t1, lr = time.perf_counter(), engine.get_lr()[0]
         stats = update(engine, minis, cfg, dist)
         t_update = time.perf_counter() - t1
-        count_tis(minis, cfg.dcpo, stats)
+        stats.tis_weight_sum, stats.tis_truncated, stats.tis_tokens = tis
         t_push = time.perf_counter()
         push_weights(rollout, engine, step + 1)
         stats.push_s = time.perf_counter() - t_push
@@ -256,8 +257,8 @@ def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch
                               dist: DistInfo | None = None) -> None:
     """Old log-probs from the current policy before any update (the ratio's denominator), and
     reference log-probs when the KL term is on. The engine's rollout log-probs serve the
-    mismatch metric and, with ``dcpo.tis``, the truncated importance weights pi_old / pi_rollout:
-    the trainer's forward is the consistent baseline for the ratio."""
+    mismatch metric and the truncated importance weights pi_old / pi_rollout
+    (:func:`importance_weights`): the trainer's forward is the consistent baseline for the ratio."""
     dist = dist or DistInfo(0, 1, 0)
     temp = trainer_temperature(cfg)
     mine = [mb for mbs in minis for mb in mbs]
@@ -265,22 +266,24 @@ def fill_old_and_ref_logprobs(engine: Any, ref: Any, minis: list[list[MicroBatch
         mb.old_logprobs, _ = token_logprobs(engine, mb, temp, with_entropy=False, fused=cfg.model.fused_logprobs)
         if cfg.dcpo.kl_coef > 0:
             mb.ref_logprobs = reference_logprobs(engine, ref, mb, temp, fused=cfg.model.fused_logprobs)
-        if cfg.dcpo.tis != "off" and not is_idle(mb):
-            mb.is_weights, _ = tis_weights(mb.old_logprobs, mb.rollout_logprobs, mb.loss_mask, cfg.dcpo.tis,
-                                           cfg.dcpo.tis_cap)
 
 
-def count_tis(minis: list[list[MicroBatch]], dc: DCPOConfig, stats: UpdateStats) -> None:
-    """The step's truncated importance weights and how many hit the cap: those in use with
-    ``dcpo.tis``, else the token-level ones the option would give (a measure of the mismatch)."""
+def importance_weights(minis: list[list[MicroBatch]], dc: DCPOConfig) -> tuple[float, int, int]:
+    """The truncated importance weights of the step, once: set on each micro-batch with ``dcpo.tis``;
+    with it off, the token-level ones it would give are only counted (a measure of the mismatch).
+
+    Returns the weights' sum, how many tokens hit ``dcpo.tis_cap``, and the trained tokens.
+    """
     mode = dc.tis if dc.tis != "off" else "token"
+    total, cut_n, tokens = 0.0, 0, 0
     for mb in (mb for mbs in minis for mb in mbs):
         if is_idle(mb):
             continue
         w, cut = tis_weights(mb.old_logprobs, mb.rollout_logprobs, mb.loss_mask, mode, dc.tis_cap)
-        stats.tis_weight_sum += float(w.sum())
-        stats.tis_truncated += int(cut.sum())
-        stats.tis_tokens += int(mb.loss_mask.sum())
+        if dc.tis != "off":
+            mb.is_weights = w
+        total, cut_n, tokens = total + float(w.sum()), cut_n + int(cut.sum()), tokens + int(mb.loss_mask.sum())
+    return total, cut_n, tokens
 
 
 def update(engine: Any, minis: list[list[MicroBatch]], cfg: Config, dist: DistInfo) -> UpdateStats:
@@ -333,31 +336,28 @@ def push_weights(rollout: Rollout, engine: Any, step: int) -> None:
 
     The HF engine shares the trained module: nothing to copy. An engine with its own weights
     (``sync_weights(named_tensors)``) gets them under the HF checkpoint's names: LoRA merged in
-    (``merged_lora_state_dict``), ZeRO-3 parameters gathered a bucket at a time
-    (``iter_zero3_params``), the tied output layer added by the engine. Every rank runs this
-    (gathering is collective); each rank's own engine receives the weights.
+    (``merged_lora_state_dict``, inside ``full_weights`` under ZeRO-3), ZeRO-3 parameters
+    gathered a bucket at a time (``iter_zero3_params``), the tied output layer added by the
+    engine. Every rank runs this (gathering is collective); each rank's own engine receives the
+    weights.
     """
+    from memact.dcpo.modeling import core_model, merged_lora_state_dict
+
     if getattr(rollout.engine, "model", None) is not engine.module:
         sync = getattr(rollout.engine, "sync_weights", None)
         if sync is None:
             raise RuntimeError("the rollout engine neither shares the trained model nor has sync_weights()")
         rollout.wake_up()
-        sync(trained_weights(engine))
+        if hasattr(engine.module, "get_base_model"):  # LoRA: what a merged checkpoint would hold
+            with full_weights(engine):
+                sync(merged_lora_state_dict(engine.module).items())
+        elif getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+            from memact.engines.vllm import iter_zero3_params
+
+            sync(iter_zero3_params(core_model(engine.module)))
+        else:
+            sync(core_model(engine.module).named_parameters())
     rollout.weights_step = step
-
-
-def trained_weights(engine: Any) -> Any:
-    """The trained policy's parameters as ``(HF checkpoint name, tensor)`` pairs, whole."""
-    from memact.dcpo.modeling import core_model, merged_lora_state_dict
-
-    if hasattr(engine.module, "get_base_model"):  # LoRA: what a merged checkpoint would hold
-        with full_weights(engine):
-            return list(merged_lora_state_dict(engine.module).items())
-    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        from memact.engines.vllm import iter_zero3_params
-
-        return iter_zero3_params(core_model(engine.module))
-    return list(core_model(engine.module).named_parameters())
 
 
 # ----------------------------------------------------------------------------- state

@@ -137,6 +137,7 @@ class VLLMEngine:
         self.tie_word_embeddings = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         self._warned_top_p = False
         self.generator = torch.Generator().manual_seed(seed)
+        self.asleep = False
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         from vllm import SamplingParams as VLLMSamplingParams
@@ -197,19 +198,18 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self, level: int = 1) -> None:
-        """Free GPU memory (level 1: weights to CPU, KV cache dropped) while the trainer runs."""
-        if not self.sleep_mode:
-            log.info("VLLMEngine.sleep: %s; nothing to free",
-                     "not supported on the CPU" if self.on_cpu else "engine built without enable_sleep_mode")
-            return
-        self.llm.sleep(level=level)
+        """Free GPU memory (level 1: weights to CPU, KV cache dropped) while the trainer runs.
+
+        Idempotent; a no-op without sleep mode (the CPU backend has none, as the constructor logs)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        if not self.sleep_mode:
-            log.info("VLLMEngine.wake_up: %s; nothing to do",
-                     "not supported on the CPU" if self.on_cpu else "engine built without enable_sleep_mode")
-            return
-        self.llm.wake_up()
+        """Take the memory back (idempotent; a no-op without sleep mode)."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
 
 class _Delegate:
