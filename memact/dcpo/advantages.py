@@ -13,6 +13,7 @@ import torch
 
 NORMS = ("std", "none")
 ESTIMATORS = ("grpo", "rloo")
+CONTROLS = ("none", "shuffle", "reverse")
 
 
 def group_advantages(
@@ -96,3 +97,37 @@ def broadcast_to_segments(
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_traj):
         raise ValueError(f"seg_traj_index values must lie in [0, {n_traj}), got {index.tolist()}")
     return traj_adv[index]
+
+
+def control_advantages(
+    traj_adv: torch.Tensor, group_ids: Sequence[Hashable], mode: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The advantages of a control run (``dcpo.control``), from the real ones.
+
+    Args:
+        traj_adv: [n_traj] advantages from :func:`group_advantages`.
+        group_ids: [n_traj] prompt id of each trajectory.
+        mode: "none" (returned as they are), "shuffle" (a random permutation within each
+            group: the same values, so the same update size, on trajectories they do not
+            belong to) or "reverse" (the sign flipped).
+        generator: the permutations' randomness (seed it for reproducible runs).
+
+    Returns:
+        [n_traj] advantages.
+    """
+    if mode not in CONTROLS:
+        raise ValueError(f"mode must be one of {CONTROLS}, got {mode!r}")
+    if len(group_ids) != traj_adv.shape[0]:
+        raise ValueError(f"group_ids must have length n_traj={traj_adv.shape[0]}, got {len(group_ids)}")
+    if mode == "none":
+        return traj_adv
+    if mode == "reverse":
+        return -traj_adv
+    members: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        members.setdefault(g, []).append(i)
+    out = traj_adv.clone()
+    for idx in members.values():
+        perm = torch.randperm(len(idx), generator=generator)
+        out[idx] = traj_adv[[idx[j] for j in perm.tolist()]]
+    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memact.dcpo.advantages import ESTIMATORS, NORMS
+from memact.dcpo.advantages import CONTROLS, ESTIMATORS, NORMS
 from memact.dcpo.losses import AGG_MODES, TIS_MODES
 from memact.dcpo.packing import LAYOUTS
 from memact.dcpo.sampling import MODES as SEGMENT_SAMPLING
@@ -191,14 +191,23 @@ class RolloutConfig:
     curriculum: list[int] = field(default_factory=list)
     """K per stage, e.g. [1, 2, 4]: the run's steps are split into equal consecutive stages, one
     per entry (from one objective upward). Empty: every step uses ``objectives``."""
-    curriculum_mode: str = "stages"
-    """``stages``: the curriculum's K one after another (above). ``mixed``: every step's prompts
-    cycle through the curriculum's K, so each K is sampled in every step once ``prompts_per_step``
-    >= its length (with stages, a K no longer sampled drifted: docs/reproduce.md, runs E and F)."""
+    curriculum_mode: str = "mixed"
+    """``mixed``: every step's prompts cycle through the curriculum's K, so each K is sampled in
+    every step once ``prompts_per_step`` >= its length. ``stages``: the curriculum's K one after
+    another (above); a K no longer sampled drifted (docs/reproduce.md, runs E and F), hence the
+    default."""
     prompts_per_step: int = 4
     """Distinct tasks (prompts) per step, over all ranks (published: 128)."""
     n_traj: int = 8
     """Trajectories per prompt: the group of the group-normalised advantage (published: 8)."""
+    dynamic_sampling: bool = False
+    """Drop the groups whose rewards are all equal (their advantages are 0: no gradient) and
+    roll out more prompts until the step holds ``prompts_per_step`` groups with signal, as
+    DAPO does; ``max_draws`` bounds the extra rollouts. The share dropped is logged
+    (``groups_dropped_frac``; ``groups_uniform_frac`` is logged either way)."""
+    max_draws: int = 4
+    """With ``dynamic_sampling``: rollout rounds per step at most, the first included. A step
+    that is still short after them trains on the groups it has."""
     temperature: float = 1.0
     """Sampling temperature; the trainer's log-probs use the same temperature."""
     top_p: float = 1.0
@@ -228,8 +237,12 @@ class RolloutConfig:
 class DCPOConfig:
     """The algorithm: advantages, segment sampling and the loss."""
 
-    segment_sampling: str = "round_robin"
-    """``round_robin`` (``n_seg`` segments per prompt, one per trajectory per pass) or ``all``."""
+    segment_sampling: str = "all"
+    """``all`` (every segment of every trajectory: each generated token trained once) or
+    ``round_robin`` (``n_seg`` segments per prompt, one per trajectory per pass, the
+    trajectories of each pass in a random order; the published setting). ``round_robin`` with
+    12 per prompt trained about 18% of the generated tokens at K=6 while the update was a
+    fifth to a third of a step on the CPU (docs/training.md), hence the default."""
     n_seg: int = 12
     """Segments drawn per prompt with ``round_robin`` (published: 12)."""
     adv_norm: str = "std"
@@ -258,6 +271,11 @@ class DCPOConfig:
     module (``rollout.engine: vllm``, bf16); docs/training.md says when."""
     tis_cap: float = 2.0
     """Upper truncation of the importance weight (> 0)."""
+    control: str = "none"
+    """``none``, or a control run: ``shuffle`` permutes the advantages within each group (an
+    update of the same size and distribution that carries no signal: what noise alone does to
+    the policy) and ``reverse`` flips their sign. Run a ``shuffle`` control beside every RL
+    claim (docs/training.md, "Controls")."""
 
 
 @dataclass
@@ -317,6 +335,10 @@ class LoggingConfig:
     """``offline`` or ``online``; the WANDB_MODE environment variable wins."""
     tensorboard: bool = False
     """Also write TensorBoard event files under ``out_dir/tb`` (needs the tensorboard package)."""
+    grad_snr: bool = False
+    """Log the policy gradient's signal-to-noise ratio each step (``grad_snr``,
+    ``memact.dcpo.snr``): one more forward and backward per prompt group before the update, at
+    the rollout policy. ZeRO stages 0-2."""
 
 
 @dataclass
@@ -441,6 +463,8 @@ def validate(cfg: Config) -> None:
     _check(d.ppo_epochs >= 1, "dcpo.ppo_epochs", d.ppo_epochs, ">= 1")
     _check(d.tis in TIS_MODES, "dcpo.tis", d.tis, f"one of {TIS_MODES}")
     _check(d.tis_cap > 0, "dcpo.tis_cap", d.tis_cap, "> 0")
+    _check(d.control in CONTROLS, "dcpo.control", d.control, f"one of {CONTROLS}")
+    _check(r.max_draws >= 1, "rollout.max_draws", r.max_draws, ">= 1 (the first rollout included)")
     _check(1 <= d.mini_batches <= r.prompts_per_step, "dcpo.mini_batches", d.mini_batches,
            f"in [1, rollout.prompts_per_step={r.prompts_per_step}]")
     _check(cfg.sft.epochs >= 1, "sft.epochs", cfg.sft.epochs, ">= 1")

@@ -23,7 +23,7 @@ from memact.util.stats import mean, std
 
 # Shown in the console table, in this order (everything goes to the JSONL file).
 TABLE_KEYS = (
-    "reward_mean", "reward_std", "accuracy", "adv_abs_mean", "loss", "clip_fraction", "kl", "entropy",
+    "reward_mean", "reward_std", "accuracy", "groups_dropped_frac", "adv_abs_mean", "grad_snr", "loss", "clip_fraction", "kl", "entropy",
     "grad_norm", "logprob_mismatch_mean", "logprob_mismatch_max", "segments_per_traj", "context_mean",
     "context_peak", "rollout_tok_s", "update_tok_s", "step_s",
 )
@@ -173,14 +173,16 @@ class UpdateStats:
     tis_weight_sum: float = 0.0  # truncated importance weights over the step's trained tokens
     tis_truncated: int = 0  # tokens whose weight hit dcpo.tis_cap
     tis_tokens: int = 0
-
+    grad_snr: float | None = None  # logging.grad_snr, before the update
 
 
 def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, segments: list[list[Segment]],
                  seqs: list[TrainSequence], minis: list[list[MicroBatch]], stats: UpdateStats, lr: float,
-                 t_rollout: float, t_update: float, t_step: float, dist: DistInfo | None = None) -> dict[str, float]:
+                 t_rollout: float, t_update: float, t_step: float, dist: DistInfo | None = None,
+                 drawn: dict[str, Any] | None = None) -> dict[str, float]:
     """One row of metrics.jsonl (names explained in docs/training.md), over every rank's
-    trajectories and updates (rank 0's wall times)."""
+    trajectories and updates (rank 0's wall times). ``drawn``: what the step rolled out,
+    dropped groups included (``memact.dcpo.trainer.Drawn.summary``); None: ``trajs``."""
     diffs = [mb.rollout_logprobs[mb.loss_mask] - mb.old_logprobs[mb.loss_mask] for mbs in minis for mb in mbs]
     diff = torch.cat(diffs).abs() if diffs else torch.zeros(0)
     part = {  # this rank's share: lists are concatenated over ranks, numbers summed (maxima: max)
@@ -203,13 +205,18 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "tis_weight_sum": stats.tis_weight_sum,
         "tis_truncated": stats.tis_truncated,
         "tis_tokens": stats.tis_tokens,
+        "seq_trained_tokens": sum(s.n_trained for s in seqs),
+        **(drawn or {"groups_drawn": len(set(s.group for s in seqs)), "groups_uniform": 0, "groups_dropped": 0,
+                     "draws_max": 1, "drawn_reward": [t.reward for t in trajs],
+                     "drawn_gen_tokens": sum(len(c.output_ids) for t in trajs for c in t.calls)}),
     }
     a = gather_parts(part, dist or DistInfo(0, 1, 0))
     adv, tokens = a["adv"], max(a["tokens"], 1)
     traj = trajectory_stats(a)  # reads the trajectory columns of the gathered parts
-    return {
+    row = {
         "step": step,
         "reward_mean": traj["reward_mean"],
+        "rollout_reward_mean": mean(a["drawn_reward"]),
         "reward_std": traj["reward_std"],
         "accuracy": traj["accuracy"],
         "adv_mean": mean(adv),
@@ -233,18 +240,26 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "micro_batches": a["micro_batches"],
         "optimizer_steps": stats.optimizer_steps,
         "trained_tokens": a["tokens"],
+        "trained_token_share": a["seq_trained_tokens"] / max(traj["gen_tokens"], 1),
+        "groups_drawn": a["groups_drawn"],
+        "groups_uniform_frac": a["groups_uniform"] / max(a["groups_drawn"], 1),
+        "groups_dropped_frac": a["groups_dropped"] / max(a["groups_drawn"], 1),
+        "rollout_draws": a["draws_max"],
         "context_mean": traj["context_mean"],
         "context_peak": traj["context_peak_max"],
         "memory_actions": traj["memory_actions"],
         "overflow_rate": traj["overflow_rate"],
         "turns": traj["steps"],
-        "rollout_tok_s": traj["gen_tokens"] / max(t_rollout, 1e-9),
+        "rollout_tok_s": a["drawn_gen_tokens"] / max(t_rollout, 1e-9),
         "update_tok_s": a["fed_tokens"] / max(t_update, 1e-9),
         "rollout_s": t_rollout,
         "update_s": t_update,
         "push_s": stats.push_s,
         "step_s": t_step,
     }
+    if stats.grad_snr is not None:
+        row["grad_snr"] = stats.grad_snr
+    return row
 
 
 def gather_parts(part: dict[str, Any], dist: DistInfo) -> dict[str, Any]:

@@ -19,11 +19,12 @@ def sample_segments(
     Args:
         segments_per_traj: [n_traj] number of segments of each trajectory of the group.
         mode: "all": every segment once, trajectory by trajectory, in order (``n_seg`` is
-            ignored). "round_robin": passes over the trajectories in order, each pass
-            taking one segment from each trajectory, until ``n_seg`` are drawn (the last
-            pass may stop part-way). A segment is chosen uniformly among that trajectory's
-            unused ones; once it has none left, uniformly among all of its segments (with
-            replacement). Trajectories with 0 segments are skipped.
+            ignored). "round_robin": passes over the trajectories, each pass taking one
+            segment from each trajectory in a fresh random order, until ``n_seg`` are drawn
+            (the last pass may stop part-way, at random trajectories: in a fixed order the
+            first ones would count twice). A segment is chosen uniformly among that
+            trajectory's unused ones; once it has none left, uniformly among all of its
+            segments (with replacement). Trajectories with 0 segments are skipped.
         n_seg: number of segments to draw, >= 1; required for "round_robin".
         rng: source of randomness for "round_robin"; pass a seeded one for reproducibility
             (None: a fresh unseeded ``random.Random``).
@@ -49,7 +50,9 @@ def sample_segments(
     unused = {t: list(range(counts[t])) for t in active}
     picks: list[tuple[int, int]] = []
     while True:
-        for t in active:
+        order = list(active)
+        rng.shuffle(order)
+        for t in order:
             if unused[t]:
                 s = unused[t].pop(rng.randrange(len(unused[t])))
             else:

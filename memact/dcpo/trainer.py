@@ -8,8 +8,10 @@ checkpoint. The helpers below ``train`` each do one of those arrows.
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from memact.agent.chat import ChatRenderer
 from memact.agent.loop import run_episodes
 from memact.agent.strategies import parse_strategy
-from memact.dcpo.advantages import broadcast_to_segments, group_advantages
+from memact.dcpo.advantages import broadcast_to_segments, control_advantages, group_advantages
 from memact.dcpo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from memact.dcpo.config import Config, DCPOConfig, RolloutConfig, to_yaml
 from memact.dcpo.data import MicroBatch, TrainSequence
@@ -65,28 +67,32 @@ def train(cfg: Config) -> Path:
     for step in range(first_step, cfg.run.steps):
         t0 = time.perf_counter()
         seed = step_seed(cfg.run.seed, step, group)
-        tasks, prompt_ids = sample_prompts(cfg.rollout, cfg.run.seed, step, DistInfo(group, n_groups, 0), cfg.run.steps)
         with full_weights(engine):
-            trajs = rollout.run(tasks, prompt_ids, seed, step)
+            drawn = collect_groups(rollout, cfg, step, group, n_groups)
         rollout.sleep()  # a colocated vLLM engine frees the GPU for the update
-        trajs, groups = my_share(trajs, prompt_ids, member, dist.world_size // n_groups)
+        trajs, groups = my_share(drawn.trajs, drawn.groups, member, dist.world_size // n_groups)
         t_rollout = time.perf_counter() - t0
         rewards = [t.reward for t in trajs]
         traj_adv = group_advantages(rewards, groups, cfg.dcpo.adv_norm, cfg.dcpo.adv_estimator)
+        traj_adv = control_advantages(traj_adv, groups, cfg.dcpo.control,
+                                      torch.Generator().manual_seed(derive_seed(cfg.run.seed, "dcpo_control", step,
+                                                                                dist.rank)))
         segments = [segment_trajectory(t.calls) for t in trajs]
         seqs = select_segments(segments, traj_adv, groups, cfg.dcpo, random.Random(seed))
         minis = pack_mini_batches(seqs, cfg, rollout.pad_id, engine.device)
         fill_old_and_ref_logprobs(engine, ref, minis, cfg, dist)
         tis = importance_weights(minis, cfg.dcpo)
+        snr = step_gradient_snr(engine, seqs, cfg, rollout.pad_id, dist) if cfg.logging.grad_snr else None
         t1, lr = time.perf_counter(), engine.get_lr()[0]
         stats = update(engine, minis, cfg, dist)
         t_update = time.perf_counter() - t1
         stats.tis_weight_sum, stats.tis_truncated, stats.tis_tokens = tis
+        stats.grad_snr = snr
         t_push = time.perf_counter()
         push_weights(rollout, engine, step + 1)
         stats.push_s = time.perf_counter() - t_push
         row = step_metrics(step, trajs, traj_adv, segments, seqs, minis, stats, lr, t_rollout, t_update,
-                           time.perf_counter() - t0, dist)
+                           time.perf_counter() - t0, dist, drawn.summary())
         log.log(row)
         bar.update(step + 1, f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.2f} kl {row['kl']:.1e}")
         if should_save(step, cfg):
@@ -207,6 +213,81 @@ def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo,
     return tasks, groups
 
 
+@dataclass
+class Drawn:
+    """What one step rolled out (this rank's prompts): the groups it trains, and the counts
+    dynamic sampling reports."""
+
+    trajs: list[Trajectory]
+    groups: list[int]
+    all_trajs: list[Trajectory] = field(default_factory=list)
+    """Every trajectory rolled out, the dropped groups' included (their reward is the policy's)."""
+    groups_drawn: int = 0
+    groups_uniform: int = 0
+    groups_dropped: int = 0
+    rounds: int = 1
+
+    def summary(self) -> dict[str, Any]:
+        return {"groups_drawn": self.groups_drawn, "groups_uniform": self.groups_uniform,
+                "groups_dropped": self.groups_dropped, "draws_max": self.rounds,
+                "drawn_reward": [t.reward for t in self.all_trajs],
+                "drawn_gen_tokens": sum(len(c.output_ids) for t in self.all_trajs for c in t.calls)}
+
+
+def uniform_groups(trajs: list[Trajectory], groups: list[int]) -> set[int]:
+    """The groups whose rewards are all equal: their advantages are 0, they carry no gradient."""
+    rewards: dict[int, set[float]] = {}
+    for t, g in zip(trajs, groups):
+        rewards.setdefault(g, set()).add(t.reward)
+    return {g for g, r in rewards.items() if len(r) == 1}
+
+
+def collect_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_groups: int) -> Drawn:
+    """The step's rollouts of this rank's (tensor-parallel group's) prompts.
+
+    With ``rollout.dynamic_sampling`` the groups whose rewards are all equal are dropped and
+    further prompts (same K per prompt index, other tasks, seeded by step, round and rank)
+    rolled out until the rank's share of ``prompts_per_step`` has signal or ``max_draws``
+    rounds are spent; each round draws what is missing over the share kept so far (at least a
+    quarter), at most ``prompts_per_step``, and the surplus with signal is dropped too. If no
+    group of the step has signal, the first round's groups are trained as they are
+    (advantages 0: only the KL term acts), as without dynamic sampling.
+    """
+    rc, seed = cfg.rollout, cfg.run.seed
+    tasks, ids = sample_prompts(rc, seed, step, DistInfo(group, n_groups, 0), cfg.run.steps)
+    trajs = rollout.run(tasks, ids, step_seed(seed, step, group), step)
+    uniform = uniform_groups(trajs, ids)
+    quota = len(set(ids))
+    out = Drawn(trajs, ids, list(trajs), quota, len(uniform), 0, 1)
+    if not rc.dynamic_sampling or not uniform:
+        return out
+    keep_t = [t for t, g in zip(trajs, ids) if g not in uniform]
+    keep_g = [g for g in ids if g not in uniform]
+    for rnd in range(1, rc.max_draws):
+        missing = quota - len(set(keep_g))
+        if missing <= 0:
+            break
+        rate = max((out.groups_drawn - out.groups_uniform) / out.groups_drawn, 0.25)
+        n = min(rc.prompts_per_step, math.ceil(missing / rate))
+        curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode)
+        prompts = curriculum.prompts(seed, step, n, cfg.run.steps, draw=(rnd, group))
+        more_ids = [rc.prompts_per_step * (rnd * n_groups + group) + i for i in range(n) for _ in range(rc.n_traj)]
+        more = rollout.run([p for p in prompts for _ in range(rc.n_traj)], more_ids,
+                           derive_seed(seed, "dcpo_episodes_more", step, rnd, group), step)
+        more_uniform = uniform_groups(more, more_ids)
+        out.all_trajs += more
+        out.groups_drawn += n
+        out.groups_uniform += len(more_uniform)
+        out.rounds = rnd + 1
+        with_signal = [g for g in dict.fromkeys(more_ids) if g not in more_uniform][:missing]
+        keep_t += [t for t, g in zip(more, more_ids) if g in set(with_signal)]
+        keep_g += [g for g in more_ids if g in set(with_signal)]
+    if keep_t:
+        out.trajs, out.groups = keep_t, keep_g
+    out.groups_dropped = out.groups_drawn - len(set(out.groups))
+    return out
+
+
 def select_segments(segments: list[list[Segment]], traj_adv: torch.Tensor, groups: list[int], dc: DCPOConfig,
                     rng: random.Random) -> list[TrainSequence]:
     """Sample each prompt's segments (``all``, or ``round_robin`` N_seg); each gets its trajectory's advantage.
@@ -284,6 +365,24 @@ def importance_weights(minis: list[list[MicroBatch]], dc: DCPOConfig) -> tuple[f
             mb.is_weights = w
         total, cut_n, tokens = total + float(w.sum()), cut_n + int(cut.sum()), tokens + int(mb.loss_mask.sum())
     return total, cut_n, tokens
+
+
+def step_gradient_snr(engine: Any, seqs: list[TrainSequence], cfg: Config, pad_id: int,
+                      dist: DistInfo) -> float | None:
+    """``grad_snr`` of the step (``memact.dcpo.snr``), at the rollout policy, before the update."""
+    from memact.dcpo.snr import gradient_snr
+
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        raise RuntimeError("logging.grad_snr needs the full parameters on every rank: ZeRO stage 0-2, not 3")
+    dtype = torch_dtype(cfg.model.dtype)
+
+    def micro_batches(part: list[TrainSequence]) -> list[MicroBatch]:
+        return [mb.to(engine.device) for mb in
+                build_micro_batches(part, cfg.batch, pad_id, cfg.model.attn_implementation, dtype)]
+
+    value, _ = gradient_snr(engine.module, seqs, micro_batches, trainer_temperature(cfg),
+                            fused=cfg.model.fused_logprobs, world_size=dist.world_size)
+    return value
 
 
 def update(engine: Any, minis: list[list[MicroBatch]], cfg: Config, dist: DistInfo) -> UpdateStats:

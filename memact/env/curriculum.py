@@ -43,11 +43,16 @@ class Curriculum:
         stage = min(step * len(self.ks) // total_steps, len(self.ks) - 1)
         return int(self.ks[stage])
 
-    def prompts(self, seed: int, step: int, n: int, total_steps: int) -> list[Task]:
+    def prompts(self, seed: int, step: int, n: int, total_steps: int, draw: tuple[int, ...] = ()) -> list[Task]:
         """The step's ``n`` prompts, in prompt order; each K's prompts come from their own seed
-        when a step mixes K."""
+        when a step mixes K.
+
+        ``draw`` names a further draw of the same step (dynamic sampling: ``(round, rank)``):
+        other tasks, the same K per prompt index; ``()`` is the step's first draw.
+        """
         ks = [self.k_at(step, total_steps, g, n) for g in range(n)]
+        stream = ("dcpo_prompts_more", step, *draw) if draw else ("dcpo_prompts", step)
         if len(set(ks)) == 1:
-            return make_tasks(n, ks[0], seed=derive_seed(seed, "dcpo_prompts", step))
-        by_k = {k: iter(make_tasks(ks.count(k), k, seed=derive_seed(seed, "dcpo_prompts", step, k))) for k in set(ks)}
+            return make_tasks(n, ks[0], seed=derive_seed(seed, *stream))
+        by_k = {k: iter(make_tasks(ks.count(k), k, seed=derive_seed(seed, *stream, k))) for k in set(ks)}
         return [next(by_k[k]) for k in ks]

@@ -14,6 +14,9 @@ STREAMS: dict[str, tuple[int, ...]] = {
     "demo_rollouts": (1,),  # (1000 * K): the demo's scripted data at K
     "dcpo_step": (1_000_003, 1_009),  # (step, rank): sampling and segment choice of a DCPO step
     "dcpo_prompts": (10_007, 31),  # (step[, K]): the prompts of a DCPO step (of one K when K are mixed)
+    "dcpo_prompts_more": (10_009, 101, 97, 31),  # (step, round, rank[, K]): dynamic sampling's further prompts
+    "dcpo_episodes_more": (1_000_033, 101, 97),  # (step, round, rank): their episodes' record ids
+    "dcpo_control": (1_000_037, 1_013),  # (step, rank): the permutations of a shuffle control
     "sft_shuffle": (1_009,),  # (epoch): the segment order of an SFT epoch
 }
 

@@ -457,6 +457,11 @@ def copy_warmup(model_dir: str | Path, out: str | Path, stages: tuple[Stage, ...
               f"(mean pairwise cosine {stats['cos_before']} before; norm {stats['norm']} each)", flush=True)
         config["redraw_unseen"] = stats
         (staging / "pretrain_config.json").write_text(json.dumps(config, indent=1))
+        # The redrawn rows are also output rows (tied embeddings) at the fed rows' norm: the
+        # argmax recall falls to about 0 until SFT trains the head; record what is saved.
+        row = warm.evaluate(len(stages) - 1, [])
+        row["after_redraw"] = True
+        append(row)
     plot_copy_curve(warm.curve, staging / "recall_curve.png")
     publish(model, tokenizer, staging, out)
     print(f"[memact] wrote {out}: held-out acc {warm.curve[-1]['acc']} after {warm.step:,} steps, "

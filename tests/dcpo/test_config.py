@@ -101,7 +101,7 @@ def test_mixed_curriculum_samples_every_k_in_every_step():
         assert all(tasks[2 * g].task_id == tasks[2 * g + 1].task_id for g in range(4))  # a group shares its prompt
         assert len({t.task_id for t in tasks}) == 4
     # stages mode: the tasks of a step are unchanged by the mixed code path
-    staged = RolloutConfig(curriculum=[2, 4], prompts_per_step=3, n_traj=1)
+    staged = RolloutConfig(curriculum=[2, 4], curriculum_mode="stages", prompts_per_step=3, n_traj=1)
     tasks, _ = sample_prompts(staged, seed=5, step=1, dist=DistInfo(0, 1, 0), total_steps=2)
     from memact.env.task import make_tasks
 

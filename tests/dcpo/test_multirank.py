@@ -99,7 +99,7 @@ def test_two_rank_dcpo_zero3_reduces_metrics(micro_model_dir, tmp_path):
     _torchrun(["train", "--out", str(run), f"model.path={micro_model_dir}", zero3_every_param_sharded(tmp_path),
                "logging.progress=false", "logging.table_every=0", "run.steps=2", "run.threads=1",
                "rollout.prompts_per_step=2", "rollout.n_traj=2", "rollout.max_steps=2", "rollout.max_new_tokens=8",
-               "batch.max_seq_len=1280", "dcpo.n_seg=3", "dcpo.kl_coef=0.01", "dcpo.entropy_coef=0.01",
+               "batch.max_seq_len=1280", "dcpo.segment_sampling=round_robin", "dcpo.n_seg=3", "dcpo.kl_coef=0.01", "dcpo.entropy_coef=0.01",
                "optim.lr=1e-2", "optim.warmup_steps=0"], tmp_path)
     rows = _rows(run)
     assert [r["step"] for r in rows] == [0, 1]

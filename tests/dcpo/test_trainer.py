@@ -86,7 +86,7 @@ def test_select_segments_round_robin_and_advantages():
     seqs = select_segments(segments, adv, groups, dc, random.Random(0))
     assert len(seqs) == 8  # 4 per prompt, with replacement once a trajectory runs out
     g0 = [s for s in seqs if s.group == 0]
-    assert [s.traj_id for s in g0] == [0, 1, 0, 1]  # one per trajectory per pass
+    assert sorted(s.traj_id for s in g0[:2]) == sorted(s.traj_id for s in g0[2:]) == [0, 1]  # one each a pass
     assert {s.advantage for s in g0 if s.traj_id == 1} == {-0.5}
     assert {s.traj_id for s in seqs if s.group == 1} == {2}  # the empty trajectory is skipped
     dc_all = load_config(None, ["dcpo.segment_sampling=all"]).dcpo

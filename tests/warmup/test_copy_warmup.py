@@ -88,8 +88,10 @@ def test_copy_recipe_end_to_end_writes_a_loadable_model_and_its_curve(micro_mode
                               "--stages", "mqar:3,idlist_mqar:2:2:1:512:copy", "--eval-every", "2"])
     assert args.func(args) == 0
     rows = [json.loads(line) for line in (out / "recall_curve.jsonl").read_text().splitlines()]
-    # Stage 1 evaluates at its start, step 2 and its end; stage 2 at step 5 (its end).
-    assert [(r["stage"], r["step"]) for r in rows] == [(0, 0), (0, 2), (0, 3), (1, 5)]
+    # Stage 1 evaluates at its start, step 2 and its end; stage 2 at step 5 (its end), then the
+    # saved model once more, after the redraw.
+    assert [(r["stage"], r["step"]) for r in rows] == [(0, 0), (0, 2), (0, 3), (1, 5), (1, 5)]
+    assert [r.get("after_redraw", False) for r in rows] == [False] * 4 + [True]
     assert {"mqar/recall", "idlist_mqar/copy", "idlist_mqar/recall"} <= set(rows[-1]["acc"])
     assert all(0.0 <= v <= 1.0 for v in rows[-1]["acc"].values()) and rows[-1]["tokens"] > rows[2]["tokens"]
     assert (out / "recall_curve.png").stat().st_size > 0
