@@ -3,7 +3,7 @@
 The shipped warm-up (``memact/assets/tiny_warm``: the tiny model after ``memact pretrain``,
 which the demo's time cannot afford) -> scripted trajectories -> two SFTs side by side on the
 two cores: one without memory (K=1, the skill this time can teach) and one with memory
-actions (K=1 and 2) -> DCPO from the no-memory policy at K=1, with dynamic sampling and the
+actions (K=1 and 2) -> DCPO from the no-memory policy at K = 1 and 2, with dynamic sampling and the
 gradient signal-to-noise ratio logged -> evaluation of every policy, of the untrained start
 and of the scripted experts on the same held-out tasks -> ``OUT/REPORT.md``: the table, the
 learned rows against their start (paired, task by task), the DCPO reward curve and stage
@@ -42,10 +42,12 @@ class DemoPreset:
     dcpo_steps: int = 8
     dcpo_prompts: int = 8
     dcpo_n_traj: int = 8
-    dcpo_overrides: tuple[str, ...] = ("rollout.objectives=1", "rollout.strategy=full", "rollout.max_steps=4",
-                                       "rollout.temperature=1.0", "rollout.dynamic_sampling=true",
-                                       "logging.grad_snr=true")
-    """K=1 without the memory tool: where the no-memory SFT leaves groups with both outcomes."""
+    dcpo_overrides: tuple[str, ...] = ("rollout.curriculum=[1,2]", "rollout.curriculum_mode=mixed",
+                                       "rollout.strategy=full", "rollout.max_steps=6", "rollout.temperature=1.0",
+                                       "optim.lr=3e-4", "rollout.dynamic_sampling=true", "logging.grad_snr=true")
+    """K = 1 and 2 in every step, without the memory tool: the no-memory SFT (K=1 only) leaves groups
+    with both outcomes there. lr 3e-4: at 1e-4 eight steps changed no greedy answer (docs/training.md,
+    "Controls")."""
     eval_objectives: tuple[int, ...] = (1, 2)
     eval_n: int = 48
     eval_max_steps: int = 12
@@ -156,7 +158,7 @@ def _plot_training(out: Path) -> list[str]:
                      label="sampled reward (all rollouts)")
         axes[1].plot([r["step"] for r in rows], [r["accuracy"] for r in rows], marker=".", alpha=0.6,
                      label="accuracy (trained groups)")
-    for ax, title, xlabel in zip(axes, ("SFT", "DCPO (K=1)"), ("optimizer step", "DCPO step")):
+    for ax, title, xlabel in zip(axes, ("SFT", "DCPO (K = 1, 2)"), ("optimizer step", "DCPO step")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -167,19 +169,26 @@ def _plot_training(out: Path) -> list[str]:
     return ["training_curves.png"]
 
 
-def _paired(out: Path, name: str, start: str) -> list[tuple[int, float, float, float, float, int]]:
-    """(K, accuracy of ``name``, of ``start``, mean paired change, its standard error, tasks) per K."""
+def _paired(out: Path, name: str, start: str) -> list[dict[str, float]]:
+    """Per K: accuracy, reward and share of penalised episodes of ``name`` and of ``start``, and the
+    mean task-by-task change of reward and of accuracy with its standard error."""
     rows = _rows(out / "eval" / "episodes.jsonl")
     by = {(r["policy"], r["k"], r["task_id"]): r for r in rows}
     result = []
     for k in sorted({r["k"] for r in rows}):
         tasks = [t for (p, kk, t) in by if p == start and kk == k]
-        diffs = [by[(name, k, t)]["accuracy"] - by[(start, k, t)]["accuracy"] for t in tasks]
-        n = len(diffs)
-        m = sum(diffs) / n
-        se = math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-        result.append((k, sum(by[(name, k, t)]["accuracy"] for t in tasks) / n,
-                       sum(by[(start, k, t)]["accuracy"] for t in tasks) / n, m, se, n))
+        a, b = [by[(name, k, t)] for t in tasks], [by[(start, k, t)] for t in tasks]
+        cell: dict[str, float] = {"k": k, "n": len(tasks)}
+        for key in ("accuracy", "reward"):
+            diffs = [x[key] - y[key] for x, y in zip(a, b)]
+            m = sum(diffs) / len(diffs)
+            cell[key], cell[f"start_{key}"] = sum(x[key] for x in a) / len(a), sum(y[key] for y in b) / len(b)
+            cell[f"d_{key}"] = m
+            cell[f"se_{key}"] = (math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+                                 if len(diffs) > 1 else float("nan"))
+        cell["penalised"] = sum(x["reward"] < 0 for x in a) / len(a)
+        cell["start_penalised"] = sum(y["reward"] < 0 for y in b) / len(b)
+        result.append(cell)
     return result
 
 
@@ -243,11 +252,14 @@ def run(args: argparse.Namespace) -> int:
     curves = _plot_training(out)
     rows = _rows(out / "dcpo" / "metrics.jsonl")
     wall = time.time() - clock.t0
-    learned = ["| policy | against | K | accuracy | start | change, paired | tasks |", "|---|---|---|---|---|---|---|"]
+    learned = ["| policy | against | K | accuracy (start) | accuracy change, paired | reward (start) "
+               "| reward change, paired | penalised episodes (start) | tasks |", "|---|---|---|---|---|---|---|---|---|"]
     for name, start in (("NoMemory-SFT", "untrained (warm-up)"), ("NoMemory-RL", "NoMemory-SFT"),
                         ("MemAct-SFT", "untrained (warm-up)")):
-        learned += [f"| {name} | {start} | {k} | {a:.3f} | {b:.3f} | {m:+.3f} +- {se:.3f} | {n} |"
-                    for k, a, b, m, se, n in _paired(out, name, start)]
+        learned += [f"| {name} | {start} | {c['k']} | {c['accuracy']:.3f} ({c['start_accuracy']:.3f}) | "
+                    f"{c['d_accuracy']:+.3f} +- {c['se_accuracy']:.3f} | {c['reward']:.3f} ({c['start_reward']:.3f}) | "
+                    f"{c['d_reward']:+.3f} +- {c['se_reward']:.3f} | {c['penalised']:.3f} ({c['start_penalised']:.3f}) "
+                    f"| {c['n']} |" for c in _paired(out, name, start)]
     half = max(len(rows) // 2, 1)
     early = sum(r["rollout_reward_mean"] for r in rows[:half]) / half
     late = sum(r["rollout_reward_mean"] for r in rows[half:]) / max(len(rows) - half, 1)
@@ -255,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
     sampled = ", ".join(f"{r['rollout_reward_mean']:.3f}" for r in rows)
     dropped = sum(r["groups_dropped_frac"] for r in rows) / max(len(rows), 1)
     dcpo_lines = [
-        f"DCPO: {preset.dcpo_steps} steps at K=1 without the memory tool from NoMemory-SFT, "
+        f"DCPO: {preset.dcpo_steps} steps at K = 1 and 2 (both in every step) without the memory tool from "
+        "NoMemory-SFT, lr 3e-4, "
         f"{preset.dcpo_prompts} prompts x {preset.dcpo_n_traj} trajectories a step, temperature 1.0, dynamic "
         f"sampling (groups whose rewards are all equal dropped and replaced). Sampled reward over all rollouts "
         f"per step: {sampled} (first half {early:.3f}, second "

@@ -26,7 +26,8 @@ def _config(model_dir, out, steps=3, extra=()):
         f"model.path={model_dir}", f"run.out_dir={out}", f"run.steps={steps}", "rollout.engine=vllm",
         "rollout.vllm.dtype=float32", "rollout.vllm.enforce_eager=true", "rollout.vllm.max_num_seqs=16",
         "rollout.objectives=1", "rollout.prompts_per_step=2", "rollout.n_traj=2", "rollout.max_steps=3",
-        "rollout.max_new_tokens=24", "optim.lr=3e-3", "optim.warmup_steps=0", "dcpo.kl_coef=0",
+        "rollout.max_new_tokens=24", "rollout.dynamic_sampling=false",  # a random model's groups are all uniform
+        "optim.lr=3e-3", "optim.warmup_steps=0", "dcpo.kl_coef=0",
         "dcpo.entropy_coef=0.5",  # all rewards are -0.1 on a random model: the entropy term moves the weights
         "logging.progress=false", *extra])
 
