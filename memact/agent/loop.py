@@ -11,7 +11,7 @@ import sys
 
 from memact.agent.chat import ChatRenderer
 from memact.agent.strategies import SUMMARY_REQUEST, SUMMARY_SAVED, Strategy
-from memact.engines.base import Engine, Generation, SamplingParams
+from memact.engines.base import Engine, Generation, SamplingParams, engine_session
 from memact.env.memory import Budget, Record
 from memact.env.task import Task
 from memact.env.tools import AgentEnv, StepResult
@@ -159,26 +159,27 @@ def run_episodes(
     groups = groups if groups is not None else list(range(len(tasks)))
     episodes = [Episode(t, renderer, derive_seed(seed, "episode", i), strategy, budget, g) for i, (t, g) in enumerate(zip(tasks, groups))]
     bar = _Progress(len(episodes), enabled=progress)
-    try:
-        while True:
-            active, prompts = [], []
-            for ep in episodes:
-                if ep.done:
-                    continue
-                prompt = ep.next_prompt()
-                if ep.check_before_call(prompt):
-                    active.append(ep)
-                    prompts.append(prompt)
-            bar.update(sum(ep.done for ep in episodes))
-            if not active:
-                break
-            gens = engine.generate(prompts, sampling)
-            if len(gens) != len(prompts):
-                raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts")
-            for ep, prompt, gen in zip(active, prompts, gens):
-                ep.apply(prompt, gen)
-    finally:
-        bar.close()
+    with engine_session(engine):
+        try:
+            while True:
+                active, prompts = [], []
+                for ep in episodes:
+                    if ep.done:
+                        continue
+                    prompt = ep.next_prompt()
+                    if ep.check_before_call(prompt):
+                        active.append(ep)
+                        prompts.append(prompt)
+                bar.update(sum(ep.done for ep in episodes))
+                if not active:
+                    break
+                gens = engine.generate(prompts, sampling)
+                if len(gens) != len(prompts):
+                    raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts")
+                for ep, prompt, gen in zip(active, prompts, gens):
+                    ep.apply(prompt, gen)
+        finally:
+            bar.close()
     return [ep.finish() for ep in episodes]
 
 

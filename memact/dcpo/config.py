@@ -225,6 +225,10 @@ class RolloutConfig:
     ``full``, ``sliding_window[:K]`` or ``summarize[:F]`` (baselines; see memact.agent.strategies)."""
     max_batch_size: int = 64
     """Prompts per engine forward pass."""
+    prefix_cache_tokens: int = 262_144
+    """HF engine: most tokens of key/value cache a rollout keeps from one turn to the next, so
+    each turn prefills only what follows the previous turn (or the last context edit); 0 turns
+    it off. Greedy outputs are the same either way (docs/engines.md). vLLM caches prefixes itself."""
     engine: str = "hf"
     """Rollout engine (``memact.engines.factory.ENGINES``): ``hf``, Hugging Face transformers on the
     module DeepSpeed trains (no weight copy), or ``vllm``, an engine of its own beside each rank
@@ -464,6 +468,7 @@ def validate(cfg: Config) -> None:
     _check(d.tis in TIS_MODES, "dcpo.tis", d.tis, f"one of {TIS_MODES}")
     _check(d.tis_cap > 0, "dcpo.tis_cap", d.tis_cap, "> 0")
     _check(d.control in CONTROLS, "dcpo.control", d.control, f"one of {CONTROLS}")
+    _check(r.prefix_cache_tokens >= 0, "rollout.prefix_cache_tokens", r.prefix_cache_tokens, ">= 0 (0: off)")
     _check(r.max_draws >= 1, "rollout.max_draws", r.max_draws, ">= 1 (the first rollout included)")
     _check(1 <= d.mini_batches <= r.prompts_per_step, "dcpo.mini_batches", d.mini_batches,
            f"in [1, rollout.prompts_per_step={r.prompts_per_step}]")

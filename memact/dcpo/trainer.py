@@ -40,7 +40,7 @@ from memact.dcpo.modeling import frozen_reference, load_for_training, reference_
 from memact.dcpo.packing import build_micro_batches
 from memact.dcpo.plan import check_world
 from memact.dcpo.sampling import sample_segments
-from memact.engines.base import SamplingParams
+from memact.engines.base import SamplingParams, prompt_token_counts
 from memact.engines.factory import build_engine, pad_token_id
 from memact.env.curriculum import Curriculum
 from memact.env.memory import Budget
@@ -127,7 +127,8 @@ class Rollout:
         if colocated:  # vLLM in this process on this rank's GPU, its TP group from the trainer's torch.distributed
             options["distributed_executor_backend"] = "external_launcher"
         self.engine = build_engine(rc.engine, model, tokenizer, max_batch_size=rc.max_batch_size,
-                                   model_dir=model_dir or None, seed=seed, vllm=options)
+                                   model_dir=model_dir or None, seed=seed, vllm=options,
+                                   prefix_cache_tokens=rc.prefix_cache_tokens)
         self.renderer = ChatRenderer(tokenizer)
         self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
                                        max_new_tokens=rc.max_new_tokens)
@@ -226,10 +227,15 @@ class Drawn:
     groups_uniform: int = 0
     groups_dropped: int = 0
     rounds: int = 1
+    prompt_prefilled: int = 0
+    """Prompt tokens the engine computed over the step's rollouts."""
+    prompt_reused: int = 0
+    """Prompt tokens whose KV the engine kept from the episode's previous turn."""
 
     def summary(self) -> dict[str, Any]:
         return {"groups_drawn": self.groups_drawn, "groups_uniform": self.groups_uniform,
                 "groups_dropped": self.groups_dropped, "draws_max": self.rounds,
+                "prompt_prefilled": self.prompt_prefilled, "prompt_reused": self.prompt_reused,
                 "drawn_reward": [t.reward for t in self.all_trajs],
                 "drawn_gen_tokens": sum(len(c.output_ids) for t in self.all_trajs for c in t.calls)}
 
@@ -253,6 +259,14 @@ def collect_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_group
     group of the step has signal, the first round's groups are trained as they are
     (advantages 0: only the KL term acts), as without dynamic sampling.
     """
+    engine = getattr(rollout, "engine", None)
+    counts = prompt_token_counts(engine)
+    out = _draw_groups(rollout, cfg, step, group, n_groups)
+    out.prompt_prefilled, out.prompt_reused = (b - a for a, b in zip(counts, prompt_token_counts(engine)))
+    return out
+
+
+def _draw_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_groups: int) -> Drawn:
     rc, seed = cfg.rollout, cfg.run.seed
     tasks, ids = sample_prompts(rc, seed, step, DistInfo(group, n_groups, 0), cfg.run.steps)
     trajs = rollout.run(tasks, ids, step_seed(seed, step, group), step)

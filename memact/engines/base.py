@@ -16,6 +16,7 @@ after each update with one call, whichever engine it runs.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,3 +60,17 @@ class SyncsWeights(Protocol):
     """An engine with its own copy of the weights: the trainer pushes its parameters after an update."""
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+
+def engine_session(engine: Engine) -> AbstractContextManager:
+    """The engine's ``session()`` if it has one (the HF engine keeps KV caches between calls
+    inside it), else a no-op: opened around a batch of episodes, during which the weights do not change."""
+    opener = getattr(engine, "session", None)
+    return opener() if callable(opener) else nullcontext()
+
+
+def prompt_token_counts(engine: Engine | None) -> tuple[int, int]:
+    """(computed, reused) prompt tokens the engine has seen so far: reused ones had their KV kept
+    from the episode's previous turn (the HF engine's ``session``); (0, 0) for engines that do not say."""
+    stats = getattr(engine, "stats", None) or {}
+    return stats.get("prefill_tokens", 0), stats.get("reused_tokens", 0)

@@ -25,7 +25,8 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def build_engine(kind: str, model: Any, tokenizer: Any, max_batch_size: int = 32, *,
-                 model_dir: str | Path | None = None, seed: int = 0, vllm: dict[str, Any] | None = None) -> Engine:
+                 model_dir: str | Path | None = None, seed: int = 0, vllm: dict[str, Any] | None = None,
+                 prefix_cache_tokens: int = 262_144) -> Engine:
     """An engine of ``kind`` for the policy ``model`` (a loaded ``transformers`` module) or ``model_dir``.
 
     Args:
@@ -36,12 +37,14 @@ def build_engine(kind: str, model: Any, tokenizer: Any, max_batch_size: int = 32
         model_dir: the model directory vLLM loads (its weights are then replaced by pushes).
         seed: vLLM's sampling seed (the HF engine's generator starts at 0; checkpoints carry its state).
         vllm: keyword arguments of :class:`memact.engines.vllm.VLLMEngine`.
+        prefix_cache_tokens: the HF engine's KV kept between the calls of one rollout (0: off).
     """
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     if kind == "hf":
         from memact.engines.hf import HFEngine
 
-        return HFEngine(model, eos_token_id=eos, pad_token_id=pad_token_id(tokenizer), max_batch_size=max_batch_size)
+        return HFEngine(model, eos_token_id=eos, pad_token_id=pad_token_id(tokenizer), max_batch_size=max_batch_size,
+                        prefix_cache_tokens=prefix_cache_tokens)
     if kind == "vllm":
         if model_dir is None:
             raise ValueError("the vllm engine loads a model directory: pass model_dir")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -47,6 +48,13 @@ class HFEngine:
     (:meth:`_generate_continuous`). Greedy outputs are the same either way; sampled ones
     draw from the same distribution in a different order.
 
+    Inside :meth:`session` (the agent loop opens one per batch of episodes) the KV cache of
+    every finished row is kept for the next call: an episode's next prompt extends its
+    previous prompt and output, so only the new tokens (the tool response and the generation
+    prompt) are prefilled; after a context edit the cache is cut at the first changed token
+    and only what follows the edit is recomputed (:class:`_PrefixCache`). Outside a session
+    nothing is kept, so weights that change between calls never meet a stale cache.
+
     Args:
         model: a causal LM (e.g. from ``load_policy``); shared with the trainer on the CPU.
         eos_token_id: the end-of-turn id (``<|im_end|>`` for ChatML).
@@ -54,25 +62,49 @@ class HFEngine:
         max_batch_size: rows per forward pass.
         continuous_batching: refill freed rows from the waiting prompts (False: fixed
             slices of ``max_batch_size`` prompts, each run until its slowest row ends).
+        prefix_cache_tokens: most tokens whose KV a session keeps (oldest dropped first);
+            0 turns the reuse off.
     """
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, max_batch_size: int = 32,
-                 continuous_batching: bool = True):
+                 continuous_batching: bool = True, prefix_cache_tokens: int = 262_144):
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0, got {prefix_cache_tokens}")
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.continuous_batching = continuous_batching
+        self.prefix_cache_tokens = prefix_cache_tokens
         self.generator = torch.Generator().manual_seed(0)
         self._cache_mergeable: bool | None = None  # learnt from the first prefill
+        self._prefix: _PrefixCache | None = None  # set inside session()
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0}
+        """Prompt tokens fed to the model and prompt tokens whose KV came from the session's cache."""
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Keep finished rows' KV caches from one ``generate`` call to the next inside this block.
+
+        The weights must not change inside it (the agent loop opens one per rollout, the trainer
+        updates between rollouts). Nested sessions share the outer one's cache.
+        """
+        if self._prefix is not None or self.prefix_cache_tokens == 0:
+            yield
+            return
+        self._prefix = _PrefixCache(self.prefix_cache_tokens)
+        try:
+            yield
+        finally:
+            self._prefix = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
-        if (self.continuous_batching and len(prompts) > self.max_batch_size and sampling.max_new_tokens > 0
-                and self._cache_mergeable is not False):
+        slotted = self.continuous_batching and len(prompts) > self.max_batch_size or self._prefix is not None
+        if slotted and sampling.max_new_tokens > 0 and self._cache_mergeable is not False:
             out = self._generate_continuous(prompts, sampling)
             if out is not None:
                 return out
@@ -106,6 +138,7 @@ class HFEngine:
         stop = torch.tensor(sampling.stop_token_ids or (self.eos_token_id,), device=self.device)
         b = len(prompts)
         input_ids, mask, positions = self._left_pad(prompts)
+        self.stats["prefill_tokens"] += sum(len(p) for p in prompts)
         was_training = self.model.training
         self.model.eval()
         past = None
@@ -155,6 +188,10 @@ class HFEngine:
         every running row; rows that stop are evicted right away and the columns no survivor
         attends to are trimmed. Positions are per row, so padding never shifts them.
 
+        Inside a :meth:`session`, admission reuses the longest cached prefix of each prompt and
+        a row that stops leaves its KV (prompt and output but the last token, which was never
+        fed) in the session's cache.
+
         Returns None (and the caller falls back to fixed slices) for a model whose cache is not
         plain ``DynamicLayer`` s, e.g. sliding-window layers, which cannot be padded and merged.
         """
@@ -202,6 +239,9 @@ class HFEngine:
                     else:
                         continue
                     finished.append(i)
+                if self._prefix is not None:
+                    for i in finished:
+                        self._prefix.put(prompts[i] + out_ids[i][:-1], slots.row_kv(i))
                 slots.evict(finished)
         finally:
             self.model.train(was_training)
@@ -219,10 +259,90 @@ class HFEngine:
         return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _prefill(self, prompts: list[list[int]]):
-        """One forward over left-padded prompts: (cache, attention mask, last-position logits)."""
-        input_ids, mask, positions = self._left_pad(prompts)
-        res = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        return res.past_key_values, mask, res.logits[:, -1, :].float()
+        """One forward over left-padded prompts: (cache, attention mask, last-position logits).
+
+        With a session's cache (and a cache known to be mergeable) rows start from their cached
+        prefixes. One forward feeds every row the same number S of new tokens, S the most any
+        row lacks; a row that lacks fewer recomputes the last cached ones it would otherwise
+        pad, so each row is ``[pad][cached prefix][S new tokens]``, contiguous, and the cache
+        is no wider than the longest prompt.
+        """
+        taken = ([self._prefix.take(p) for p in prompts] if self._prefix is not None and self._cache_mergeable
+                 else [(0, None)] * len(prompts))
+        width_s = max(len(p) - n for p, (n, _) in zip(prompts, taken))
+        used = [max(len(p) - width_s, 0) for p in prompts]  # <= n: a prefix of what was cached
+        width_c = max(used)
+        if width_c == 0:
+            input_ids, mask, positions = self._left_pad(prompts)
+            self.stats["prefill_tokens"] += sum(len(p) for p in prompts)
+            res = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            return res.past_key_values, mask, res.logits[:, -1, :].float()
+        from transformers.cache_utils import DynamicCache
+
+        b, dev = len(prompts), self.device
+        input_ids = torch.full((b, width_s), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, width_c + width_s), dtype=torch.long)
+        positions = torch.zeros((b, width_s), dtype=torch.long)
+        for row, (p, n) in enumerate(zip(prompts, used)):
+            fed = len(p) - n
+            input_ids[row, width_s - fed:] = torch.tensor(p[n:])
+            mask[row, width_c + width_s - len(p):] = 1
+            positions[row, width_s - fed:] = torch.arange(n, len(p))
+        self.stats["prefill_tokens"] += sum(len(p) - n for p, n in zip(prompts, used))
+        self.stats["reused_tokens"] += sum(used)
+        taken = [(n, [(k[:, :n], v[:, :n]) for k, v in kv] if n else None) for n, (_, kv) in zip(used, taken)]
+        like = next(kv for n, kv in taken if n > 0)
+        past = DynamicCache()
+        for layer, (k0, v0) in enumerate(like):
+            empty_k, empty_v = k0.new_zeros((k0.shape[0], 0, k0.shape[2])), v0.new_zeros((v0.shape[0], 0, v0.shape[2]))
+            keys = torch.stack([_left_pad(kv[layer][0] if kv else empty_k, width_c, 1) for _, kv in taken])
+            values = torch.stack([_left_pad(kv[layer][1] if kv else empty_v, width_c, 1) for _, kv in taken])
+            past.update(keys, values, layer)
+        res = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                         past_key_values=past, use_cache=True)
+        return res.past_key_values, mask.to(dev), res.logits[:, -1, :].float()
+
+
+class _PrefixCache:
+    """Finished rows' KV caches, found again by the longest common prefix of a new prompt.
+
+    An entry is the token ids its KV covers and, per layer, (keys, values) of shape
+    (kv_heads, tokens, head_dim). :meth:`take` removes the entry it uses (the row that uses it
+    leaves a longer one when it stops), so a session holds about one entry per live episode;
+    past ``max_tokens`` the oldest entries go.
+    """
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.entries: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self.tokens = 0
+
+    def take(self, prompt: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """(n, the first n tokens' KV per layer) for the longest cached prefix, at most len - 1."""
+        p = torch.tensor(prompt, dtype=torch.long)
+        best, best_n = -1, 0
+        for idx, (ids, _) in enumerate(self.entries):
+            n = min(len(ids), len(prompt) - 1)  # at least one token is fed, for its logits
+            if n <= best_n:
+                continue
+            differ = (ids[:n] != p[:n]).nonzero()
+            common = n if len(differ) == 0 else int(differ[0])
+            if common > best_n:
+                best, best_n = idx, common
+        if best < 0:
+            return 0, None
+        ids, kv = self.entries.pop(best)
+        self.tokens -= len(ids)
+        return best_n, [(k[:, :best_n], v[:, :best_n]) for k, v in kv]
+
+    def put(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not ids or len(ids) > self.max_tokens:
+            return
+        self.entries.append((torch.tensor(ids, dtype=torch.long), kv))
+        self.tokens += len(ids)
+        while self.tokens > self.max_tokens:
+            old, _ = self.entries.pop(0)
+            self.tokens -= len(old)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -270,6 +390,13 @@ class _Slots:
                     past_key_values=self.cache, use_cache=True)
         self.cache, self.mask, self.positions = res.past_key_values, step_mask, self.positions + 1
         return res.logits[:, -1, :].float()
+
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The KV of prompt ``row``'s attended columns, per layer: (kv_heads, tokens, head_dim) copies."""
+        j = self.rows.index(row)
+        cols = self.mask[j].nonzero().squeeze(-1)
+        return [(layer.keys[j].index_select(1, cols), layer.values[j].index_select(1, cols))
+                for layer in self.cache.layers]
 
     def evict(self, finished: list[int]) -> None:
         if not finished:
