@@ -9,9 +9,19 @@ namespace. Heavy imports (torch, transformers, deepspeed) happen inside the hand
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+
+# Errors of the machine, not of memact: one line naming the file instead of a traceback.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "over the disk quota: free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "no permission: write elsewhere or fix the directory's permissions",
+    errno.EPERM: "not permitted: write elsewhere or fix the directory's permissions",
+}
 
 # (module, short help) in the order `memact --help` lists them.
 SUBCOMMANDS = [
@@ -82,7 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         from memact.util.threads import set_threads
 
         set_threads()
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print(f"\nmemact {args.command}: interrupted (outputs are published whole or not at all; "
+              "`memact train --resume` continues from the last checkpoint)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS or os.environ.get("MEMACT_DEBUG"):
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        raise SystemExit(f"error: memact {args.command}: {err.strerror}{where} "
+                         f"({ENVIRONMENT_ERRNOS[err.errno]}; MEMACT_DEBUG=1 shows the traceback)") from None
     return int(result or 0)
 
 

@@ -73,13 +73,19 @@ def save_checkpoint(engine: Any, tokenizer: Any, run_dir: Path, step: int, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_hf(engine, tokenizer, tmp, is_main)
-    engine.save_checkpoint(str(tmp / "trainer"), tag=DS_TAG, save_latest=False)
+    try:
+        save_hf(engine, tokenizer, tmp, is_main)
+        engine.save_checkpoint(str(tmp / "trainer"), tag=DS_TAG, save_latest=False)
+        if is_main:
+            torch.save(state, tmp / "trainer" / STATE_FILE)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays behind
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if is_main:
-        torch.save(state, tmp / "trainer" / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         rotate(root, keep)
     barrier()
     return final
@@ -94,8 +100,21 @@ def load_checkpoint(engine: Any, ckpt: str | os.PathLike) -> dict[str, Any]:
             f"--resume {str(ckpt)!r}: not a training checkpoint (no trainer/{STATE_FILE}); "
             "pass a RUN/checkpoints/step_XXXXXX directory"
         )
-    path, _ = engine.load_checkpoint(str(ckpt / "trainer"), tag=DS_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:  # read first: a damaged state file is found before the engine is half-restored
+        state = torch.load(state_file, weights_only=False)
+    except Exception as err:  # a truncated pickle/zip gives OSError, EOFError, RuntimeError, UnpicklingError ...
+        raise RuntimeError(f"--resume {str(ckpt)!r}: {str(state_file)!r} is unreadable ({type(err).__name__}: "
+                           f"{err}); the checkpoint is damaged: resume from an earlier one") from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+        raise RuntimeError(f"--resume {str(ckpt)!r}: {str(state_file)!r} is not a memact trainer state "
+                           "(no step and rng); resume from a checkpoint that memact train wrote")
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt / "trainer"), tag=DS_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except Exception as err:
+        raise RuntimeError(f"--resume {str(ckpt)!r}: DeepSpeed could not load {str(ckpt / 'trainer' / DS_TAG)!r} "
+                           f"({type(err).__name__}: {err}); the checkpoint is damaged or was written with "
+                           "another model or ZeRO layout") from err
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {str(ckpt / 'trainer' / DS_TAG)!r}")
-    return torch.load(state_file, weights_only=False)
+    return state

@@ -383,28 +383,42 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     from omegaconf.errors import OmegaConfBaseException
 
     schema = OmegaConf.structured(Config)
-    layers = []
+    merged = schema
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as err:  # yaml errors come in several types
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        try:
+            merged = OmegaConf.merge(schema, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"bad config in {str(path)!r}: {_first_line(err)}") from err
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    for override in overrides:  # one at a time, so that the message names the one at fault
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command-line override {override!r}: {_first_line(err)}") from err
     try:
-        merged = OmegaConf.merge(schema, *layers)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        where = f" in {str(path)!r}" if path is not None else ""
-        raise ConfigError(f"bad config{where}: {err}") from err
+        raise ConfigError(f"bad config: {_first_line(err)}") from err
     cfg.source = str(Path(path).resolve()) if path is not None else ""
     validate(cfg)
     return cfg
+
+
+def _first_line(err: Exception) -> str:
+    """OmegaConf's message without its ``full_key/reference_type`` trailer, with the key it names."""
+    lines = str(err).splitlines()
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("full_key:")), "")
+    head = lines[0] if lines else type(err).__name__
+    return f"{head} (key {key})" if key and key not in head else head
 
 
 def to_yaml(cfg: Config) -> str:

@@ -57,15 +57,16 @@ class TrainSequence:
                    **kw)
 
 
-def read_trajectories(path: str | Path, max_seq_len: int) -> list[TrainSequence]:
+def read_trajectories(path: str | Path, max_seq_len: int, vocab_size: int | None = None) -> list[TrainSequence]:
     """Every segment of a trajectory JSONL file (``memact.trajectory``), checked before any
     training starts.
 
     Each sequence's ``traj_id`` is its line's index (0-based), ``group`` the file's group field.
 
     Raises:
-        DataError: what :func:`memact.trajectory.read_jsonl` rejects, or a segment longer than
-            ``max_seq_len``; the message names the line (1-based) and segment index.
+        DataError: what :func:`memact.trajectory.read_jsonl` rejects, a segment longer than
+            ``max_seq_len``, or (given ``vocab_size``) a token id outside ``0..vocab_size-1``;
+            the message names the line (1-based) and segment index.
     """
     out: list[TrainSequence] = []
     try:
@@ -75,6 +76,12 @@ def read_trajectories(path: str | Path, max_seq_len: int) -> list[TrainSequence]
                     raise DataError(f"{path}:{row.line} segment {s}: {len(seg)} tokens is longer than "
                                     f"batch.max_seq_len={max_seq_len}; raise batch.max_seq_len or roll out with a "
                                     "smaller --context-budget")
+                if vocab_size is not None:
+                    bad = next((t for t in (*seg.prompt_ids, *seg.response_ids) if not 0 <= t < vocab_size), None)
+                    if bad is not None:
+                        raise DataError(f"{path}:{row.line} segment {s}: token id {bad} is outside the model's "
+                                        f"vocabulary (0..{vocab_size - 1}); was this file rolled out with another "
+                                        "tokenizer?")
                 out.append(TrainSequence.from_segment(seg, traj_id=row.index, group=row.group))
     except TrajectoryFormatError as err:
         raise DataError(str(err)) from None

@@ -19,6 +19,7 @@ from memact.dcpo.config import Config, to_yaml
 from memact.dcpo.data import MicroBatch, TrainSequence
 from memact.dcpo.distributed import DistInfo
 from memact.trajectory import Segment, Trajectory, trajectory_columns, trajectory_stats
+from memact.util.files import atomic_write_text
 from memact.util.stats import mean, std
 
 # Shown in the console table, in this order (everything goes to the JSONL file).
@@ -36,9 +37,14 @@ class MetricsLogger:
         run_dir: where ``metrics.jsonl`` (and ``tb/``, ``wandb/``) go.
         cfg: the run's config (sent to W&B, and sets which sinks are on).
         is_main: rank 0.
+        first_step: the step this run starts at. A resumed run (``first_step > 0``) keeps the
+            rows of the steps before it and drops the rest (rows written after the checkpoint
+            it resumes from, a row cut short by a kill), so that every step has one row; a run
+            from step 0 into a directory that has rows moves them to ``NAME.old`` first.
     """
 
-    def __init__(self, run_dir: Path, cfg: Config, is_main: bool = True, name: str = "metrics.jsonl"):
+    def __init__(self, run_dir: Path, cfg: Config, is_main: bool = True, name: str = "metrics.jsonl",
+                 first_step: int = 0):
         self.enabled = is_main
         self.table_every = cfg.logging.table_every
         self._rows: list[dict[str, Any]] = []
@@ -49,7 +55,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / name, "a", encoding="utf-8")
+        path = run_dir / name
+        if path.exists() and path.stat().st_size:
+            if first_step > 0:
+                _keep_rows_before(path, first_step)
+            else:
+                old = path.with_name(name + ".old")
+                os.replace(path, old)
+                print(f"[memact] warning: {str(path)!r} held the rows of an earlier run; moved them to "
+                      f"{str(old)!r} (a run from step 0 starts its own)", file=sys.stderr, flush=True)
+        self._file = open(path, "a", encoding="utf-8")
         if cfg.logging.wandb:
             import wandb
 
@@ -102,6 +117,25 @@ class MetricsLogger:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_rows_before(path: Path, first_step: int) -> None:
+    """Rewrite ``path`` (atomically) with only its whole rows whose step is below ``first_step``."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row["step"]) < first_step
+        except (ValueError, KeyError, TypeError):
+            keep = False  # a row cut short by a kill, or not a row at all
+        if keep:
+            kept.append(line)
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        print(f"[memact] resuming at step {first_step}: dropped {dropped} rows of {str(path)!r} written after "
+              "the checkpoint (or cut short), so that every step has one row", file=sys.stderr, flush=True)
 
 
 def _is_number(v: Any) -> bool:

@@ -44,6 +44,17 @@ def _load_weights(cfg: Config) -> Any:
                                                     attn_implementation=cfg.model.attn_implementation)
 
 
+def model_vocab_size(path: str | Path) -> int | None:
+    """The embedding rows of the model at ``path`` (its config's ``vocab_size``); None where
+    ``path`` is no model directory (loading it reports that)."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
 def load_for_training(cfg: Config) -> tuple[Any, Any]:
     """Model and tokenizer from ``cfg.model.path``, LoRA applied.
 

@@ -32,14 +32,15 @@ from memact.dcpo.distributed import (
 )
 from memact.dcpo.losses import aggregate
 from memact.dcpo.metrics import MetricsLogger, StepBar
-from memact.dcpo.modeling import load_for_training, token_logprobs
+from memact.dcpo.modeling import load_for_training, model_vocab_size, token_logprobs
 from memact.engines.factory import pad_token_id
 from memact.util.seeds import derive_seed
 
 
 def sft(cfg: Config) -> Path:
     """Train ``cfg.model.path`` on ``cfg.sft.data``; returns the output directory."""
-    seqs = read_trajectories(cfg.sft.data, cfg.batch.max_seq_len)  # all input errors before any output
+    # all input errors before any output
+    seqs = read_trajectories(cfg.sft.data, cfg.batch.max_seq_len, model_vocab_size(cfg.model.path))
     out = Path(cfg.run.out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose another --out")

@@ -500,7 +500,7 @@ def open_run(run_dir: Path, cfg: Config, dist: DistInfo, engine: Any, first_step
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         print(f"[memact] DeepSpeed ZeRO stage {engine.zero_optimization_stage()} | world size "
               f"{dist.world_size} | bf16 {engine.bfloat16_enabled()} | run dir {run_dir}", flush=True)
-    log = MetricsLogger(run_dir, cfg, dist.is_main)
+    log = MetricsLogger(run_dir, cfg, dist.is_main, first_step=first_step)
     bar = StepBar(cfg.run.steps, cfg.logging.progress and dist.is_main, "dcpo", first_step)
     log.console = bar.console
     return log, bar

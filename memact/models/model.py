@@ -121,7 +121,8 @@ def add_type_directions(model, groups: dict[str, list[int]], seed: int = 0) -> N
 
 def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024,
               type_groups: tuple[str, ...] = TYPE_GROUPS) -> Path:
-    """Train a tokenizer on task text, build a random model, save both to ``out``.
+    """Train a tokenizer on task text, build a random model, save both to ``out`` (absent or
+    empty), atomically: a run that fails or is stopped half-way leaves no ``out``.
 
     ``type_groups``: word groups whose embeddings share a direction (:func:`add_type_directions`);
     () for a plain random initialisation.
@@ -129,6 +130,7 @@ def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab
     from memact.models.tokenizer import task_corpus, train_tokenizer
 
     out = Path(out)
+    staging = staging_dir(out)  # refuses a non-empty ``out`` before any work
     tokenizer = train_tokenizer(task_corpus(seed=seed), vocab_size=vocab_size)
     model = build_model(
         preset, vocab_size=len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
@@ -138,10 +140,7 @@ def new_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, vocab
         add_type_directions(model, world_token_groups(tokenizer, type_groups), seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return publish(model, tokenizer, staging, out)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -203,14 +202,23 @@ def staging_dir(out: str | os.PathLike) -> Path:
 
 
 def publish(model, tokenizer, staging: Path, out: str | os.PathLike) -> Path:
-    """Save ``model`` and ``tokenizer`` into ``staging`` and rename it to ``out`` (empty or absent)."""
+    """Save ``model`` and ``tokenizer`` into ``staging`` and rename it to ``out`` (empty or absent).
+
+    On any failure (a full disk, Ctrl-C) ``staging`` is removed and ``out`` is left as it was.
+    """
+    import shutil
+
     out = Path(out)
-    model.eval()
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        out.rmdir()  # staging_dir checked that it is empty
-    staging.replace(out)
+    try:
+        model.eval()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # staging_dir checked that it is empty
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 

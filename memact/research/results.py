@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from typing import Any
+
+from memact.util.files import atomic_write_bytes
 
 RESULTS_HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
 CONTEXT_HEADER = ("experiment", "context_tokens", "unpruned_tokens", "memory_action")
@@ -169,22 +170,6 @@ def append_result(path: str, row: ResultRow) -> None:
 
 
 # ---- State file ---------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file renamed over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: str, obj: Any) -> None:

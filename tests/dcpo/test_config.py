@@ -131,3 +131,14 @@ def test_schedule_must_be_known():
     cfg.optim.schedule = "linear"
     with pytest.raises(ConfigError, match="optim.schedule"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("override,key", [("optim.lrr=1e-3", "optim.lrr"), ("run.steps=ten", "run.steps")])
+def test_a_mistyped_override_is_named_not_blamed_on_the_file(override, key):
+    """Issue 21, item 7: a bad command-line override was reported as an error in the YAML file."""
+    path = configs_dir() / "tiny_cpu_dcpo.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["optim.lr=3e-3", override])
+    message = str(err.value)
+    assert f"command-line override {override!r}" in message and key.split(".")[-1] in message
+    assert str(path) not in message

@@ -102,3 +102,22 @@ def test_existing_output_dir_is_refused(micro_model_dir, scripted_jsonl, tmp_pat
     with pytest.raises(FileExistsError, match="not empty"):
         sft(cfg)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("beyond", [0, -1])
+def test_out_of_vocabulary_id_is_named_and_nothing_written(micro_model_dir, scripted_jsonl, tmp_path, tokenizer,
+                                                           beyond):
+    """Issue 21, item 7: an id outside the model's vocabulary used to reach the embedding as a raw IndexError."""
+    from memact.dcpo.cli_train import main
+
+    rows = [json.loads(line) for line in scripted_jsonl.read_text().splitlines()]
+    vocab = len(tokenizer)
+    bad_id = vocab if beyond == 0 else -1
+    rows[1]["segments"][0]["response_ids"][0] = bad_id
+    data = tmp_path / "oov.jsonl"
+    _write(data, rows)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"oov\.jsonl:2 segment 0: token id {bad_id} is outside the model's "
+                                         rf"vocabulary \(0\.\.{vocab - 1}\)"):
+        main(_sft_args(data, out, micro_model_dir))
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["oov.jsonl"]

@@ -325,3 +325,31 @@ def test_dry_run_refuses_a_tensor_parallel_size_that_does_not_divide_the_world()
     cfg = load_config(None, ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=3", "rollout.prompts_per_step=8"])
     with pytest.raises(ConfigError, match="tensor_parallel_size=3: expected a divisor of the world size 4"):
         check_world(cfg, 4)
+
+
+def test_metrics_have_each_step_once_after_a_resume_and_a_fresh_run(micro_model_dir, tmp_path, capfd):
+    """Issue 21, item 6: a row is written before its step's checkpoint, so a kill between the two
+    and a resume used to give steps [0, 1, 2, 2, 3]; a fresh run into the same directory gave
+    [0, 1, 0, 1] without a word. Item 7: a truncated trainer_state.pt named no file."""
+    from memact.dcpo.trainer import train
+
+    run = train(_cfg(micro_model_dir, tmp_path / "r", 3, "run.save_every=2"))
+    with open(run / "metrics.jsonl", "a") as f:  # killed while writing step 3's row
+        f.write('{"step": 3, "reward_me')
+    train(_cfg(micro_model_dir, tmp_path / "r", 4, f"run.resume={run / 'checkpoints' / 'step_000002'}"))
+    assert [r["step"] for r in _rows(run)] == [0, 1, 2, 3]
+    assert "dropped 2 rows" in capfd.readouterr().err
+
+    train(_cfg(micro_model_dir, tmp_path / "r", 2))  # a fresh run into a directory with rows
+    assert [r["step"] for r in _rows(run)] == [0, 1]
+    assert [r["step"] for r in _rows_of(run / "metrics.jsonl.old")] == [0, 1, 2, 3]
+    assert "metrics.jsonl.old" in capfd.readouterr().err
+
+    state = run / "checkpoints" / "step_000002" / "trainer" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="trainer_state.pt' is unreadable.*resume from an earlier one"):
+        train(_cfg(micro_model_dir, tmp_path / "r", 4, f"run.resume={state.parent.parent}"))
+
+
+def _rows_of(path):
+    return [json.loads(line) for line in open(path)]
