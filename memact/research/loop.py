@@ -245,9 +245,10 @@ class ResearchLoop:
         if same:
             return
         if st["margin"] is None and st["experiments_done"] == 0:
-            self.log(f"the baseline under --budget {old} was not complete: starting it again under "
-                     f"--budget {self.config.budget_s:g} (its {len(st['baseline'])} earlier run(s) stay in "
-                     f"{ws.RESULTS_FILE} but no longer count)")
+            earlier = (f" (its {len(st['baseline'])} earlier run(s) stay in {ws.RESULTS_FILE} but no longer count)"
+                       if st["baseline"] else "")
+            self.log(f"the baseline under --budget {old:g} was not complete: starting it under "
+                     f"--budget {self.config.budget_s:g}{earlier}")
             st["baseline"] = []
             return
         raise ResearchError(
