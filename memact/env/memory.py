@@ -45,19 +45,43 @@ ID_POOL = make_id_pool()
 
 
 class IdSource:
-    """Per-episode, seeded, never-repeating record ids drawn from a pool."""
+    """Per-episode, seeded, never-repeating record ids that never run out.
+
+    The first ``len(pool)`` ids are the fixed pool in a seeded order (so every trajectory
+    of up to 512 records reads exactly as it always has, and a tokenizer that knows the
+    pool sees one token per id). After the pool the same seeded RNG goes on drawing fresh
+    ids one character longer (``ID_LENGTH + 1``, so they can never collide with a pool id),
+    and one character longer again in the unlikely case that a length runs out of fresh
+    ids. The sequence depends only on the seed: it replays exactly.
+    """
 
     def __init__(self, seed: int, pool: list[str] | None = None):
         self._pool = list(pool if pool is not None else ID_POOL)
-        random.Random(seed).shuffle(self._pool)
+        self._rng = random.Random(seed)
+        self._rng.shuffle(self._pool)
         self._next = 0
+        self._extra_length = max((len(rid) for rid in self._pool), default=ID_LENGTH - 1) + 1
+        self._extra_seen: set[str] = set()
 
     def __call__(self) -> str:
-        if self._next >= len(self._pool):
-            raise RuntimeError(f"record id pool exhausted after {len(self._pool)} ids")
-        rid = self._pool[self._next]
-        self._next += 1
-        return rid
+        if self._next < len(self._pool):
+            rid = self._pool[self._next]
+            self._next += 1
+            return rid
+        return self._extra()
+
+    def _extra(self) -> str:
+        """A fresh id past the pool: longer than any pool id, drawn from the seeded RNG."""
+        rng = self._rng
+        while True:
+            for _ in range(64):  # at a million ids a length-9 draw repeats with odds of ~1e-7
+                # A letter first, as in the pool: an id is never read as a number.
+                rid = rng.choice(_ID_ALPHABET[:23]) + "".join(
+                    rng.choice(_ID_ALPHABET) for _ in range(self._extra_length - 1))
+                if rid not in self._extra_seen:
+                    self._extra_seen.add(rid)
+                    return rid
+            self._extra_length += 1
 
 
 @dataclass

@@ -13,6 +13,16 @@ Re-running on the same DIR resumes: --experiments is the total wanted, not the n
 """
 
 
+def budget_seconds(text: str) -> float:
+    """argparse type of ``--budget``: a finite number of seconds > 0 (not nan, inf or 0)."""
+    from memact.research.runner import check_budget
+
+    try:
+        return check_budget(text, "--budget")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--budget ")) from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `research` and its sub-commands on the top-level `memact` parser."""
     research = subparsers.add_parser(
@@ -31,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run (or resume) the experiment loop in a workspace", epilog=RUN_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("dir", help="a workspace made by `memact research init`")
-    run.add_argument("--budget", type=float, required=True, help="training seconds per run; killed at 2x")
+    run.add_argument("--budget", type=budget_seconds, required=True,
+                     help="training seconds per run (finite, > 0, longer than train.py's start-up); killed at 2x")
     run.add_argument("--experiments", type=int, required=True, help="total experiments wanted (resume-aware)")
     run.add_argument("--proposer", default="mutate", help="mutate | openai:MODEL | policy:MODEL_DIR (default mutate)")
     run.add_argument("--memory", default="heuristic", help="heuristic | none | policy:MODEL_DIR (default heuristic)")
@@ -66,8 +77,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from memact.research.history import make_memory_policy
     from memact.research.loop import ResearchError, ResearchLoop, RunConfig
     from memact.research.proposers import make_proposer
+    from memact.research.workspace import STATE_FILE
 
     missing = [name for name in ("train.py", "program.md") if not os.path.exists(os.path.join(args.dir, name))]
+    if os.path.exists(os.path.join(args.dir, STATE_FILE)) and os.path.isdir(os.path.join(args.dir, ".git")):
+        missing = []  # a workspace the loop has run in: resume restores its files from the best commit
     if missing:
         print(f"error: {args.dir} has no {' or '.join(missing)}: is it a workspace? "
               f"Create one with `memact research init {args.dir}`", file=sys.stderr)

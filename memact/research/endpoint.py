@@ -84,4 +84,11 @@ class Endpoint:
             _, choice = client.complete({"model": self.model, "messages": messages, **extra})
         except ChatClientError as err:
             raise EndpointError(err.url, err.cause, err.status, err.attempts) from None
-        return choice["message"]
+        except (RecursionError, ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+            # A reply the client could not take apart (e.g. JSON nested deeper than the parser
+            # recurses): the endpoint's fault, reported like any other unusable reply.
+            raise EndpointError(client.url, f"unusable reply ({type(err).__name__}: {str(err)[:200]})") from None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            raise EndpointError(client.url, "reply has no choices[0].message object")
+        return message

@@ -48,7 +48,7 @@ def diff_summary(old: str, new: str) -> str:
     try:
         before = {k: v[3] for k, v in find_constants(old).items()}
         after = {k: v[3] for k, v in find_constants(new).items()}
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # not Python (NUL bytes, too deep...)
         before = after = {}
     changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
     added = removed = 0
@@ -328,26 +328,29 @@ the experiment records and notes you no longer need (by their [id]) and write a 
 that keeps what matters for the next proposals."""
 
 
-def parse_prune_call(message: dict[str, Any]) -> tuple[Any, Any]:
+def parse_prune_call(message: Any) -> tuple[Any, Any]:
     """(memory, delete_ids) from a chat message: a tool call, or a JSON object in its text.
 
-    Raises MemoryActionError when neither is there.
+    Raises MemoryActionError when neither is there, whatever shape the message has.
     """
-    calls = message.get("tool_calls") or []
+    if not isinstance(message, dict):
+        raise MemoryActionError(f"the policy's message is a {type(message).__name__}, not an object")
+    calls = message.get("tool_calls")
     raw: Any = None
-    for call in calls:
-        fn = call.get("function", {})
-        if fn.get("name") == "prune_context":
+    for call in calls if isinstance(calls, list) else []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and fn.get("name") == "prune_context":
             raw = fn.get("arguments")
             break
-    if raw is None:  # a served model whose chat template puts the call in the text
-        match = re.search(r"\{.*\}", message.get("content") or "", flags=re.DOTALL)
+    content = message.get("content")
+    if raw is None and isinstance(content, str):  # a served model whose chat template puts the call in the text
+        match = re.search(r"\{.*\}", content, flags=re.DOTALL)
         raw = match.group(0) if match else None
     if raw is None:
         raise MemoryActionError("the policy answered without a prune_context call")
     try:
         args = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise MemoryActionError(f"prune_context arguments are not JSON: {err}") from err
     if isinstance(args, dict) and "arguments" in args:  # {"name": ..., "arguments": {...}}
         args = args["arguments"]
@@ -376,7 +379,7 @@ class PolicyMemory:
             )
             note, delete_ids = parse_prune_call(message)
             record = memory.apply_prune(note, delete_ids)
-        except (MemoryActionError, EndpointError) as err:
+        except (MemoryActionError, EndpointError, ValueError, TypeError) as err:
             done = self.fallback.prune(memory, best_experiment)
             return f"policy error ({str(err)[:120]}); fallback {done}"
         return f"policy: deleted {len(delete_ids)} records, note {record.record_id}"

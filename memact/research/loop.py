@@ -3,19 +3,27 @@
 Crash safety. The order of writes in one experiment is:
 
 1. commit the proposal (HEAD is now an un-logged experiment commit);
-2. run it; if it is not kept, ``git reset --hard`` to the best commit;
+2. run it, then restore the work tree to the new best commit (the experiment's own commit
+   when it is kept, the old best otherwise), whatever the run did to the files;
 3. append its row to results.tsv (the durable record of the experiment);
 4. update the history and write state.json (atomic rename), then context.tsv from it.
 
-A ``kill -9`` anywhere loses at most the experiment in flight. On start, :func:`recover`
-replays any results rows newer than the state (a kill between steps 3 and 4), then resets
-the work tree to the best commit if it is dirty or HEAD is an un-logged experiment commit.
+The state counts the rows it has folded in (``rows_logged``), so a row is either in the
+state or it is not, never half: on start, :func:`recover` replays the rows after that count
+(a kill between steps 3 and 4) through the same bookkeeping, which cannot fail (record ids
+never run out; a memory policy that fails is logged and skipped), so a resume never
+wedges on a row. It then restores the work tree to the best commit if it is dirty, HEAD is
+an un-logged experiment commit, or train.py is missing or mangled. A ``kill -9`` anywhere
+loses at most the experiment in flight.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import traceback
+import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,10 +46,55 @@ from memact.research.results import (
     should_keep,
     write_json,
 )
-from memact.research.runner import run_training
+from memact.research.runner import KILL_FACTOR, check_budget, kill_workspace_processes, run_training
 
 STATE_VERSION = 1
 MAX_PROPOSER_FAILURES = 3  # consecutive endpoint failures before the loop gives up
+STARTUP_BUDGET_S = 0.001  # the budget of the start-up run: what is left is start-up and evaluation
+STARTUP_LIMIT_S = 120.0  # the start-up run is killed after this (or 2x the budget, if longer)
+STARTUP_LOG = "startup"
+DESCRIPTION_CHARS = 200
+
+
+def one_line(text: Any, limit: int = DESCRIPTION_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters: control characters and
+    line breaks become spaces, lone surrogates U+FFFD (so it fits a TSV row, a git message, a log)."""
+    text = str(text).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
+    return " ".join(text.split())[:limit]
+
+
+@dataclass
+class ProposerFailure:
+    """Why the proposer gave no proposal (logged as a ``crash`` row ``proposer failed: ...``)."""
+
+    reason: str
+    traceback: str = ""
+
+
+def propose_or_failure(proposer: Proposer, context_text: str, best_source: str, experiment: int
+                       ) -> Proposal | ProposerFailure:
+    """Ask the proposer for the next experiment. Never raises (an ``Exception``).
+
+    A proposal comes back with a one-line description; an endpoint error, a reply the
+    proposer cannot use (:class:`~memact.research.proposers.ReplyError`) or any other
+    exception of the proposer, or something that is not a Proposal, comes back as a
+    :class:`ProposerFailure` with the reason (and the traceback for an unexpected exception).
+    """
+    try:
+        proposal = proposer.propose(context_text, best_source, experiment)
+    except (EndpointError, ValueError) as err:  # ReplyError is a ValueError
+        return ProposerFailure(one_line(err, 300))
+    except Exception as err:  # a bug or an unforeseen reply: the loop logs it and goes on
+        return ProposerFailure(one_line(f"{type(err).__name__}: {err}", 300), traceback.format_exc())
+    if not isinstance(proposal, Proposal):
+        return ProposerFailure(f"the proposer returned a {type(proposal).__name__}, not a Proposal")
+    for name in ("new_source", "patch"):
+        value = getattr(proposal, name)
+        if value is not None and not isinstance(value, str):
+            return ProposerFailure(f"the proposal's {name} is a {type(value).__name__}, not text")
+    description = one_line(proposal.description) if isinstance(proposal.description, str) else ""
+    return Proposal(description or "(no description)", proposal.new_source, proposal.patch)
 
 
 @dataclass
@@ -68,8 +121,7 @@ class RunConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.budget_s <= 0:
-            raise ValueError(f"--budget must be positive seconds, got {self.budget_s}")
+        self.budget_s = check_budget(self.budget_s, "--budget")
         if self.experiments < 0:
             raise ValueError(f"--experiments must be >= 0, got {self.experiments}")
         if self.baseline_runs < 2:
@@ -103,7 +155,7 @@ class ResearchLoop:
         self.proposer = proposer
         self.memory_policy = memory_policy
         self.log = log or (lambda msg: print(msg, flush=True))
-        self.program_text = ws.read_file(self.workdir, "program.md")
+        self.program_text = ""  # read from git by recover(): the work tree may be mangled
         self.state: dict[str, Any] = {}
         self.memory: ResearchMemory | None = None
 
@@ -139,7 +191,12 @@ class ResearchLoop:
         atomic_write_bytes(_path(self.workdir, ws.CONTEXT_FILE), ("\n".join(lines) + "\n").encode())
 
     def recover(self) -> None:
-        """Load or create the state, replay rows it has not seen, and clean the work tree."""
+        """Load or create the state, replay rows it has not seen, and restore the work tree."""
+        killed = kill_workspace_processes(self.workdir)
+        if killed:
+            self.log(f"killed {killed} process(es) an earlier run in {self.workdir} left behind")
+        if ws.clear_stale_lock(self.workdir):
+            self.log("removed a stale .git/index.lock (a git command was killed with the loop)")
         results_path = _path(self.workdir, ws.RESULTS_FILE)
         for name in (ws.RESULTS_FILE, ws.CONTEXT_FILE):
             if repair_tsv(_path(self.workdir, name)):
@@ -147,31 +204,57 @@ class ResearchLoop:
         state_path = _path(self.workdir, ws.STATE_FILE)
         if os.path.exists(state_path):
             self.state = read_json(state_path)
-            old_budget = self.state["config"]["budget_s"]
-            if float(old_budget) != float(self.config.budget_s):
-                raise ResearchError(
-                    f"{self.workdir} was run with --budget {old_budget:g}; pass the same budget "
-                    f"(got {self.config.budget_s:g}): results under different budgets do not compare"
-                )
+            self._check_budget_on_resume()
             self.state["config"] = asdict(self.config)
+            self.program_text = ws.show_file(self.workdir, self.state["best_commit"], "program.md")
             self.memory = ResearchMemory.from_dict(self.program_text, self.state["memory"])
         else:
             self.state = self._fresh_state()
+            self.program_text = ws.show_file(self.workdir, self.state["best_commit"], "program.md")
             self.memory = ResearchMemory(self.program_text, seed=self.config.seed)
             if os.path.exists(results_path):
                 raise ResearchError(f"{results_path} exists but {state_path} does not: not a workspace this tool started")
 
         rows = read_results(results_path)
+        if len(rows) < self.state["rows_logged"]:
+            raise ResearchError(
+                f"{results_path} has {len(rows)} rows but {state_path} has folded in {self.state['rows_logged']}: "
+                f"the results file was truncated or edited; restore it (the state cannot be rebuilt without it)"
+            )
         for row in rows[self.state["rows_logged"] :]:
             self.log(f"replaying a logged row the state had not recorded: {row.description}")
             self._account(row, diff="(replayed after an interruption)")
-        if ws.head(self.workdir) != self.state["best_commit"] or ws.is_dirty(self.workdir):
+        problem = ws.editable_problem(self.workdir)
+        if ws.head(self.workdir) != self.state["best_commit"] or ws.is_dirty(self.workdir) or problem:
             self.log(
                 f"resetting {self.workdir} to the best commit {ws.short(self.state['best_commit'])} "
-                f"(HEAD {ws.short(ws.head(self.workdir))} was un-logged or the tree was dirty)"
+                f"(HEAD {ws.short(ws.head(self.workdir))} was un-logged or the tree was dirty"
+                + (f": {problem})" if problem else ")")
             )
-            ws.reset_to(self.workdir, self.state["best_commit"])
+            ws.restore(self.workdir, self.state["best_commit"])
         self._save()
+
+    def _check_budget_on_resume(self) -> None:
+        """The budget is fixed once the baseline is complete; before that a new one starts it afresh."""
+        st = self.state
+        old = st["config"]["budget_s"]
+        try:
+            same = float(old) == float(self.config.budget_s)
+        except (TypeError, ValueError):
+            same = False
+        if same:
+            return
+        if st["margin"] is None and st["experiments_done"] == 0:
+            earlier = (f" (its {len(st['baseline'])} earlier run(s) stay in {ws.RESULTS_FILE} but no longer count)"
+                       if st["baseline"] else "")
+            self.log(f"the baseline under --budget {old:g} was not complete: starting it under "
+                     f"--budget {self.config.budget_s:g}{earlier}")
+            st["baseline"] = []
+            return
+        raise ResearchError(
+            f"{self.workdir} was run with --budget {old:g}; pass the same budget "
+            f"(got {self.config.budget_s:g}): results under different budgets do not compare"
+        )
 
     # ---- bookkeeping of one logged row ------------------------------------------------------
 
@@ -221,7 +304,12 @@ class ResearchLoop:
         """Let the memory policy act, then log the context length with and without pruning."""
         assert self.memory is not None
         block = self.best_block()
-        action = self.memory_policy.act(self.memory, block, self.config.context_budget, self.state["best_experiment"])
+        try:
+            action = self.memory_policy.act(self.memory, block, self.config.context_budget,
+                                            self.state["best_experiment"])
+        except Exception as err:  # a broken policy must not stop the bookkeeping (nor a resume)
+            action = f"memory policy failed ({type(err).__name__}: {err}); nothing pruned"
+        action = one_line(action, 300) if action else ""  # the policy's words end up in a TSV and a log
         if action:
             self.log(f"  memory: {action}")
         self.state["context_log"].append(
@@ -241,21 +329,88 @@ class ResearchLoop:
         self._account(row, diff)
         self._save()
 
+    def _startup_run(self) -> float:
+        """Seconds train.py takes with (next to) no training: its start-up and evaluation."""
+        limit = max(STARTUP_LIMIT_S, KILL_FACTOR * self.config.budget_s)
+        log_name = os.path.join(ws.LOG_DIR, f"{STARTUP_LOG}.log")
+        result = run_training(self.workdir, STARTUP_BUDGET_S, _path(self.workdir, log_name), kill_after_s=limit)
+        ws.restore(self.workdir, self.state["best_commit"])
+        if result.status == "timeout":
+            raise ResearchError(f"train.py did not finish a run with a {STARTUP_BUDGET_S:g} s budget within "
+                                f"{limit:g} s, so its start-up is too long for --budget {self.config.budget_s:g}; "
+                                f"see {log_name}")
+        if result.status != "ok":  # e.g. a script that cannot evaluate after 0 steps: a lower bound
+            self.log(f"the start-up run of train.py failed ({result.error[:120]}); "
+                     f"its {result.wall_seconds:.1f} s count as the start-up")
+        return result.wall_seconds
+
+    def check_startup(self) -> None:
+        """Refuse a budget that no run could meet: one no longer than the workspace's start-up.
+
+        The start-up is measured once per workspace by running train.py with a budget of
+        ``STARTUP_BUDGET_S`` (its wall time is start-up plus evaluation) and kept in the
+        state as ``startup_s``. A run takes at least budget + start-up and is killed at 2x
+        the budget, so a budget <= the start-up can never pass. A first measurement may be
+        slow (cold caches), so a refusal is measured once more first.
+        """
+        st = self.state
+        if st.get("startup_s") is None:
+            st["startup_s"] = self._startup_run()
+            self._save()
+        if self.config.budget_s <= st["startup_s"]:
+            st["startup_s"] = min(st["startup_s"], self._startup_run())
+            self._save()
+        if self.config.budget_s <= st["startup_s"]:
+            raise ResearchError(
+                f"--budget {self.config.budget_s:g} s is shorter than this workspace's start-up: train.py takes "
+                f"{st['startup_s']:.1f} s to start and evaluate with no training (logs/{STARTUP_LOG}.log), "
+                f"so every run would pass the kill at 2x the budget ({KILL_FACTOR * self.config.budget_s:g} s). "
+                f"Use a --budget above {st['startup_s']:.1f} s ({math.ceil(2 * st['startup_s'])} s or more leaves "
+                f"room); nothing is fixed until the baseline is complete"
+            )
+
     def baseline(self) -> None:
         """Run the unchanged train.py until ``baseline_runs`` good runs are logged."""
         st = self.state
+        if len(st["baseline"]) < self.config.baseline_runs:
+            self.check_startup()
         while len(st["baseline"]) < self.config.baseline_runs:
             k = len(st["baseline"]) + 1
             status, val, mem, error = self._run_logged(f"baseline_{k}")
+            ws.restore(self.workdir, st["best_commit"])
             desc = f"{BASELINE_PREFIX} {k}/{self.config.baseline_runs}"
             if status != "ok":
                 self._log_row(ResultRow(ws.short(st["best_commit"]), None, mem, "crash", f"{desc} [{status}: {error}]"), "")
+                hint = f" (start-up {st['startup_s']:.1f} s)" if status == "timeout" and st.get("startup_s") else ""
                 raise ResearchError(
-                    f"the baseline train.py failed ({status}: {error}); see {ws.LOG_DIR}/baseline_{k}.log"
+                    f"the baseline train.py failed ({status}: {error}){hint}; see {ws.LOG_DIR}/baseline_{k}.log"
                 )
             self._log_row(ResultRow(ws.short(st["best_commit"]), val, mem, "keep", desc), "no change")
             self.log(f"baseline {k}/{self.config.baseline_runs}: val_bpb {val:.6f}")
-        self.log(f"baseline {st['best_val']:.6f} (mean), noise margin {st['margin']:.6f} (max - min)")
+        line = (f"baseline {baseline_best(st['baseline']):.6f} (mean of {len(st['baseline'])} runs), "
+                f"noise margin {st['margin']:.6f} (max - min)")
+        if st["best_experiment"]:
+            line += f"; best {st['best_val']:.6f} at exp {st['best_experiment']} ({ws.short(st['best_commit'])})"
+        self.log(line)
+
+    def _apply(self, proposal: Proposal) -> str | None:
+        """Put the proposal into the work tree; the reason it is refused, or None.
+
+        On a refusal the work tree is restored to the best commit, whatever the proposal did.
+        """
+        try:
+            if proposal.patch is not None:
+                ws.apply_patch(self.workdir, proposal.patch)
+            elif proposal.new_source is not None:
+                ws.write_file(self.workdir, proposal.new_source)
+            problem = ws.editable_problem(self.workdir)
+        except ws.PatchRejected as err:
+            problem = str(err)
+        except (UnicodeError, OSError, ValueError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        if problem is not None:
+            ws.restore(self.workdir, self.state["best_commit"])
+        return None if problem is None else one_line(problem)
 
     def experiment(self) -> bool:
         """Propose, run, log and keep-or-reset one experiment. False when the proposer keeps failing."""
@@ -264,28 +419,30 @@ class ResearchLoop:
         exp = st["experiments_done"] + 1
         best_source = ws.read_file(self.workdir)
         context = self.memory.context_text(self.best_block())
-        try:
-            proposal: Proposal = self.proposer.propose(context, best_source, exp)
-        except (EndpointError, ValueError) as err:
+        got = propose_or_failure(self.proposer, context, best_source, exp)
+        if isinstance(got, ProposerFailure):
             st["proposer_failures"] = st.get("proposer_failures", 0) + 1
-            self._log_row(ResultRow("-", None, None, "crash", f"proposer failed: {err}"), "no change")
-            self.log(f"exp {exp}: proposer failed: {err}")
+            if got.traceback:
+                os.makedirs(_path(self.workdir, ws.LOG_DIR), exist_ok=True)
+                with open(_path(self.workdir, os.path.join(ws.LOG_DIR, f"exp_{exp:03d}.proposer.log")), "w",
+                          encoding="utf-8", errors="replace") as f:
+                    f.write(got.traceback)
+            self._log_row(ResultRow("-", None, None, "crash", f"proposer failed: {got.reason}"), "no change")
+            self.log(f"exp {exp}: proposer failed: {got.reason}")
             return st["proposer_failures"] < MAX_PROPOSER_FAILURES
         st["proposer_failures"] = 0
+        proposal = got
 
-        if proposal.patch is not None:
-            try:
-                ws.apply_patch(self.workdir, proposal.patch)
-            except ws.PatchRejected as err:
-                reason = " ".join(str(err).split())[:200]
-                self._log_row(ResultRow("-", None, None, "crash", f"rejected patch: {reason} ({proposal.description})"),
-                              "no change")
-                self.log(f"exp {exp}: rejected patch: {reason}")
-                return True
-        elif proposal.new_source is not None:
-            ws.write_file(self.workdir, proposal.new_source)
+        problem = self._apply(proposal)
+        if problem is not None:
+            kind = "patch" if proposal.patch is not None else "proposal"
+            self._log_row(ResultRow("-", None, None, "crash", f"rejected {kind}: {problem[:200]} ({proposal.description})"),
+                          "no change")
+            self.log(f"exp {exp}: rejected {kind}: {problem}")
+            return True
         new_source = ws.read_file(self.workdir)
         if new_source == best_source:
+            ws.restore(self.workdir, st["best_commit"])  # e.g. a patch that only touched whitespace git ignores
             self._log_row(ResultRow("-", None, None, "crash", f"rejected proposal: train.py unchanged ({proposal.description})"),
                           "no change")
             return True
@@ -294,8 +451,9 @@ class ResearchLoop:
         commit = ws.commit_file(self.workdir, ws.EDITABLE_FILE, f"exp {exp}: {proposal.description}")
         status, val, mem, error = self._run_logged(f"exp_{exp:03d}")
         keep = status == "ok" and should_keep(val, st["best_val"], st["margin"])
-        if not keep:
-            ws.reset_to(self.workdir, st["best_commit"])
+        # Whatever the run did to the files (deleted train.py, edited prepare.py...), the tree
+        # becomes the new best commit again: this experiment's if kept, the old best if not.
+        ws.restore(self.workdir, commit if keep else st["best_commit"])
         outcome = "keep" if keep else ("discard" if status == "ok" else "crash")
         desc = proposal.description if status == "ok" else f"{proposal.description} [{status}: {error}]"
         best_before = st["best_val"]
@@ -310,14 +468,14 @@ class ResearchLoop:
 
     def run(self) -> int:
         """Recover, run the baseline, then experiments until ``experiments`` are logged. Exit code."""
-        self.recover()
         try:
+            self.recover()
             self.baseline()
             while self.state["experiments_done"] < self.config.experiments:
                 if not self.experiment():
                     self.log(f"giving up: the proposer failed {MAX_PROPOSER_FAILURES} times in a row")
                     return 1
-        except ResearchError as err:
+        except (ResearchError, ws.GitError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         finally:

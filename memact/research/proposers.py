@@ -18,7 +18,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from memact.research.endpoint import Endpoint
 
@@ -179,8 +179,44 @@ followed by a unified diff of train.py in a ```diff block, with headers
 --- a/train.py and +++ b/train.py and a few lines of unchanged context around each change."""
 
 
+class ReplyError(ValueError):
+    """A chat reply the proposer cannot use; the loop logs it as a proposer failure."""
+
+
+def _valid_text(text: str) -> str:
+    """``text`` with lone surrogates (JSON allows them, UTF-8 does not) replaced by U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def reply_text(message: Any) -> str:
+    """The text of a chat reply's ``message``: its ``content`` string, or the text parts of a
+    list of content parts (``{"type": "text", "text": ...}``, as the OpenAI API allows) joined.
+
+    Raises ReplyError for anything else: a message that is not an object, no content, a
+    content that is a number or an object, a list without text parts.
+    """
+    if not isinstance(message, dict):
+        raise ReplyError(f"the reply's message is a {type(message).__name__}, not an object")
+    content = message.get("content")
+    if isinstance(content, str):
+        return _valid_text(content)
+    if isinstance(content, list):
+        texts = [part if isinstance(part, str) else part.get("text") for part in content
+                 if isinstance(part, str) or (isinstance(part, dict) and part.get("type", "text") == "text")]
+        texts = [t for t in texts if isinstance(t, str)]
+        if not texts:
+            raise ReplyError(f"the reply's content is a list of {len(content)} part(s) without text")
+        return _valid_text("".join(texts))
+    if content is None:
+        raise ReplyError("the reply has no content" + (" (only tool calls)" if message.get("tool_calls") else ""))
+    raise ReplyError(f"the reply's content is a {type(content).__name__}, not text")
+
+
 def parse_reply(text: str) -> Proposal:
     """The description and patch in a model's reply; the patch is empty when none is found."""
+    if not isinstance(text, str):
+        raise ReplyError(f"the reply is a {type(text).__name__}, not text")
+    text = _valid_text(text)
     match = re.search(r"^\s*DESCRIPTION:\s*(.+)$", text, flags=re.MULTILINE | re.IGNORECASE)
     description = match.group(1).strip() if match else "(no description)"
     fenced = re.search(r"```(?:diff|patch)?[ \t]*\n(.*?)```", text, flags=re.DOTALL)
@@ -193,6 +229,11 @@ def parse_reply(text: str) -> Proposal:
     patch = re.sub(r"^--- (?!a/|/dev/null)(\S+)", r"--- a/\1", patch, flags=re.MULTILINE)
     patch = re.sub(r"^\+\+\+ (?!b/|/dev/null)(\S+)", r"+++ b/\1", patch, flags=re.MULTILINE)
     return Proposal(description=description[:200], patch=patch)
+
+
+def proposal_from_message(message: Any) -> Proposal:
+    """The proposal in a chat reply's message; ReplyError when the message holds no usable text."""
+    return parse_reply(reply_text(message))
 
 
 class ChatProposer:
@@ -208,7 +249,7 @@ class ChatProposer:
             [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
             temperature=self.temperature,
         )
-        return parse_reply(message.get("content") or "")
+        return proposal_from_message(message)
 
 
 def make_proposer(spec: str, seed: int = 0) -> Proposer:

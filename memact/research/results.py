@@ -59,8 +59,10 @@ def should_keep(val_bpb: float | None, best: float, margin: float) -> bool:
 
 
 def _clean_field(value: Any) -> str:
-    """A TSV field: tabs and newlines would break the row, so they become spaces."""
-    return " ".join(str(value).replace("\t", " ").splitlines()).strip()
+    """A TSV field: tabs, line breaks and NULs would break the row, so they become spaces;
+    lone surrogates (which UTF-8 cannot encode) become U+FFFD."""
+    text = str(value).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return " ".join(text.replace("\t", " ").replace("\0", " ").splitlines()).strip()
 
 
 def append_row(path: str, header: tuple[str, ...], row: tuple[Any, ...]) -> None:

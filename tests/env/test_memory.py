@@ -103,3 +103,32 @@ def test_check_delete_raises_memory_action_error():
     m = WorkingMemory("head0000")
     with pytest.raises(MemoryActionError, match="empty"):
         m.check_delete([])
+
+
+def _pool_order(seed):
+    """The order in which IdSource(seed) hands out the 512 pool ids (the shuffled pool)."""
+    import random
+
+    pool = make_id_pool()
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def test_id_source_never_runs_dry_and_keeps_the_first_512_ids():
+    a, b = IdSource(7), IdSource(7)
+    ids = [a() for _ in range(5000)]
+    assert ids == [b() for _ in range(5000)]  # seeded: replays exactly
+    assert len(set(ids)) == len(ids)  # never repeats, past the pool too
+    assert ids[:512] == _pool_order(7)  # the first ids (those in every seeded trajectory) are unchanged
+    assert all(i[0].isalpha() and i.isalnum() and i.islower() for i in ids)
+    assert not set(ids[512:]) & set(make_id_pool())
+
+
+def test_env_step_never_raises_past_the_id_pool():
+    env = AgentEnv(make_task(5, 2), seed=1)
+    ids = [env.memory.head_id]
+    for i in range(700):
+        result = env.step(parse_action(f"not a tool call {i}"), "x")
+        assert result.kind == "error" and result.record_id
+        ids.append(result.record_id)
+    assert len(set(ids)) == len(ids)

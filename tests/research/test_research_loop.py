@@ -138,7 +138,8 @@ def test_resume_after_kill_9_during_an_experiment(tmp_path):
     env = dict(os.environ, STUB_MARKER=str(marker))
     proc = _run_cli(workdir, 4, env)
     deadline = time.monotonic() + 60
-    while not (marker.exists() and len(marker.read_text().split()) >= 4):  # 2 baselines, exp 1, exp 2 started
+    # the start-up run, 2 baselines, exp 1, exp 2 started
+    while not (marker.exists() and len(marker.read_text().split()) >= 5):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the loop did not reach experiment 2"
         time.sleep(0.05)

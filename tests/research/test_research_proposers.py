@@ -142,3 +142,17 @@ def test_endpoint_openai_reads_the_shared_environment(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     assert (Endpoint.openai("m").base_url, Endpoint.openai("m").api_key) == ("http://127.0.0.1:9/v1", "k")
+
+
+def test_reply_text_joins_content_parts_and_refuses_what_is_not_text():
+    from memact.research.proposers import ReplyError, proposal_from_message, reply_text
+
+    parts = [{"type": "text", "text": "DESCRIPTION: a"}, {"type": "image_url", "image_url": {}}, {"text": "\nb"}]
+    assert reply_text({"content": parts}) == "DESCRIPTION: a\nb"
+    assert reply_text({"content": "x\ud800y"}) == "x\ufffd\ufffd\ufffdy"  # a lone surrogate cannot be written
+    for message, reason in [("DESCRIPTION: x", "message is a str"), ({"content": 42}, "content is a int"),
+                            ({"content": None, "tool_calls": []}, "has no content"),
+                            ({"content": [{"type": "image_url"}]}, "without text"), (None, "message is a NoneType")]:
+        with pytest.raises(ReplyError, match=reason):
+            reply_text(message)
+    assert proposal_from_message({"content": parts}).description == "a"

@@ -1,7 +1,10 @@
 """The runner: summary parsing, crashes, and the hard kill at 2x the budget."""
 
+import os
+import signal
 import time
 
+import pytest
 from research_helpers import process_alive
 
 from memact.research.runner import parse_summary, run_training
@@ -56,3 +59,62 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     child = int((tmp_path / "child.pid").read_text())
     time.sleep(0.2)
     assert not process_alive(child), "the grandchild survived the kill"
+
+
+ESCAPES = {
+    # A child in a new session (its own process group): a group kill misses it.
+    "setsid": "p = subprocess.Popen(['setsid', 'sleep', '300'])\npid = p.pid\n",
+    # A double fork into a new session: the grandchild's parent is gone, it is nobody's child.
+    "double fork": (
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        os.write(w, str(os.getpid()).encode()); time.sleep(300)\n"
+        "    os._exit(0)\n"
+        "os.close(w); pid = int(os.read(r, 32)); os.wait()\n"
+    ),
+    # A child that moves to its own process group but stays in the session.
+    "setpgid": "p = subprocess.Popen(['sleep', '300'], process_group=0) if sys.version_info >= (3, 11) "
+               "else subprocess.Popen(['setsid', 'sleep', '300'])\npid = p.pid\n",
+}
+
+
+def _escaping_script(escape: str, then: str) -> str:
+    return (
+        "import os, subprocess, sys, time\n" + ESCAPES[escape]
+        + "open('child.pid', 'w').write(str(pid))\n" + then
+    )
+
+
+@pytest.mark.parametrize("escape", list(ESCAPES))
+@pytest.mark.parametrize("ending", ["ok", "crash", "timeout"])
+def test_nothing_train_py_starts_outlives_the_run(tmp_path, escape, ending):
+    """A process that train.py starts with setsid (or a double fork, or in its own group) is
+    killed when the run ends, however it ends."""
+    then = {"ok": "print('---'); print('val_bpb: 2.5')\n", "crash": "sys.exit(3)\n", "timeout": "time.sleep(60)\n"}
+    d = _script(tmp_path, _escaping_script(escape, then[ending]))
+    result = run_training(d, 1.0, str(tmp_path / "run.log"))
+    assert result.status == ending, result
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 2
+    while process_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = process_alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)  # do not leave it behind for the next test
+    assert not alive, f"the {escape} child {child} outlived the run"
+
+
+@pytest.mark.parametrize("value", ["-5.0", "0", "-0.0"])
+def test_a_non_positive_val_bpb_is_a_crash(tmp_path, value):
+    d = _script(tmp_path, f'print("---")\nprint("val_bpb: {value}")\n')
+    result = run_training(d, 2, str(tmp_path / "run.log"))
+    assert result.status == "crash" and result.val_bpb is None
+    assert f"val_bpb {value} is not a positive number of bits per byte" in result.error
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), 0, -1])
+def test_run_training_refuses_a_bad_budget(tmp_path, budget):
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        run_training(str(tmp_path), budget, str(tmp_path / "run.log"))
