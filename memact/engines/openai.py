@@ -37,6 +37,7 @@ from memact.models.chatml import (
     call_text,
 )
 from memact.util.http import ChatClient, ChatClientError, message_text
+from memact.util.safejson import parse_json
 
 _MESSAGE_RE = re.compile(re.escape(IM_START) + r"(\w+)\n(.*?)" + re.escape(IM_END) + r"\n?", re.DOTALL)
 TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -151,9 +152,8 @@ def hermes_calls(text: str) -> list[tuple[str, Any]] | None:
         return None
     calls = []
     for body in bodies:
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError:
+        obj, err = parse_json(body)
+        if err is not None:
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
@@ -171,11 +171,16 @@ def reply_text(message: dict[str, Any]) -> str:
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
         name, raw = fn.get("name", ""), fn.get("arguments", "{}")
-        try:
-            args = json.loads(raw) if isinstance(raw, str) else raw
-            parts.append(call_text(name, args))
-        except json.JSONDecodeError:  # keep what the model wrote; parse_action reports it
-            parts.append(f"{TOOL_CALL_OPEN}\n{{\"name\": {json.dumps(name)}, \"arguments\": {raw}}}\n{TOOL_CALL_CLOSE}")
+        args, err = parse_json(raw) if isinstance(raw, str) else (raw, None)
+        text = None
+        if err is None:
+            try:
+                text = call_text(name, args)
+            except (TypeError, ValueError, RecursionError):  # arguments json.dumps cannot write
+                text = None
+        if text is None:  # keep what the model wrote; parse_action reports it
+            text = f"{TOOL_CALL_OPEN}\n{{\"name\": {json.dumps(str(name))}, \"arguments\": {raw}}}\n{TOOL_CALL_CLOSE}"
+        parts.append(text)
     return "\n".join(parts)
 
 

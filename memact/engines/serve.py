@@ -32,6 +32,7 @@ from typing import Any
 from memact.engines.base import Generation, SamplingParams
 from memact.engines.openai import TOOL_CALL_RE, hermes_calls
 from memact.models.chatml import ENDOFTEXT, IM_END, call_text
+from memact.util.safejson import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,9 @@ def _tool_calls(calls: Any, where: str) -> list[tuple[str, dict]]:
             raise RequestError(400, f"{where}.tool_calls[{j}] needs function.name")
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as err:
-                raise RequestError(400, f"{where}.tool_calls[{j}].function.arguments is not JSON ({err.msg})") from None
+            args, err = parse_json(args) if args.strip() else ({}, None)
+            if err is not None:
+                raise RequestError(400, f"{where}.tool_calls[{j}].function.arguments is not JSON ({err})")
         if not isinstance(args, dict):
             raise RequestError(400, f"{where}.tool_calls[{j}].function.arguments must be a JSON object")
         out.append((fn["name"], args))
@@ -360,10 +360,9 @@ class _Handler(BaseHTTPRequestHandler):
             if int(length) > MAX_BODY_BYTES:
                 raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
             raw = self.rfile.read(int(length))
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RequestError(400, f"the request body is not JSON ({err})") from None
+            body, err = parse_json(raw)
+            if err is not None:
+                raise RequestError(400, f"the request body is not JSON ({err})")
             self._send(200, self.backend.complete(body))
         except RequestError as err:
             self._error(err)

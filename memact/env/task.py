@@ -17,6 +17,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from memact.util.safejson import MAX_DEPTH, nesting_depth
 from memact.util.seeds import derive_seed
 
 # Attribute -> the values it takes. Every value is one plain word, distinct across attributes.
@@ -203,13 +204,15 @@ def parse_final_answer(text: str) -> dict[str, str] | None:
     start = body.find("{")
     if start < 0:
         return None
+    if nesting_depth(body[start:]) > MAX_DEPTH:  # json recurses once per level (memact.util.safejson)
+        return None
     try:
         obj, _ = json.JSONDecoder().raw_decode(body[start:])
-    except json.JSONDecodeError:
+        if not isinstance(obj, dict):
+            return None
+        return {str(k): str(v) for k, v in obj.items()}
+    except (ValueError, RecursionError):  # malformed, a huge integer, ...
         return None
-    if not isinstance(obj, dict):
-        return None
-    return {str(k): str(v) for k, v in obj.items()}
 
 
 def token_f1(prediction: str, gold: str) -> float:

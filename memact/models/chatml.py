@@ -9,12 +9,12 @@ token spans is :mod:`memact.agent.chat`.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from memact.env.task import FINAL_ANSWER
 from memact.env.tools import Action, tool_call_json
+from memact.util.safejson import parse_json
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -81,11 +81,11 @@ def parse_action(text: str) -> Action:
         return Action("invalid", error=f"no tool call and no {FINAL_ANSWER} found in the turn")
     if len(calls) > 1:
         return Action("invalid", error=f"one tool call per turn, got {len(calls)}")
-    body = calls[0].strip()
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError as err:
-        return Action("invalid", error=f"malformed tool-call JSON ({err.msg} at char {err.pos})")
+    obj, err = parse_json(calls[0].strip())
+    if err is not None:
+        # the agent reads this text: the wording of a decode error is the one it was trained on
+        return Action("invalid", error=err.replace("malformed JSON", "malformed tool-call JSON", 1)
+                      if err.startswith("malformed JSON") else f"tool call: {err}")
     if not isinstance(obj, dict):
         return Action("invalid", error="tool call must be a JSON object with 'name' and 'arguments'")
     name = obj.get("name")
@@ -93,10 +93,9 @@ def parse_action(text: str) -> Action:
         return Action("invalid", error="tool call is missing 'name'")
     args = obj.get("arguments", {})
     if isinstance(args, str):  # some models emit arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return Action("invalid", error="tool call 'arguments' is a string that is not JSON")
+        args, err = parse_json(args)
+        if err is not None:
+            return Action("invalid", error=f"tool call 'arguments' is a string that is not JSON ({err})")
     if not isinstance(args, dict):
         return Action("invalid", error="tool call 'arguments' must be a JSON object")
     return Action("tool", name=name, arguments=args)

@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from memact.util.safejson import parse_json
+
 BASE_URL_ENV = "OPENAI_BASE_URL"
 API_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -152,10 +154,9 @@ class ChatClient:
             raise _Failure(f"no reply within {self.timeout_s:g} s", True) from None
         except (ConnectionError, http.client.HTTPException, OSError) as err:
             raise _Failure(f"connection failed ({type(err).__name__}: {err})", True) from None
-        try:
-            reply = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _Failure(f"reply is not JSON: {raw[:120]!r}", False, 200) from None
+        reply, err = parse_json(raw)
+        if err is not None:
+            raise _Failure(f"reply is not JSON ({err}): {raw[:120]!r}", False, 200)
         if not isinstance(reply, dict):
             raise _Failure(f"reply is not a JSON object: {raw[:120]!r}", False, 200)
         return reply
@@ -194,10 +195,7 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
         body = err.read()
     except Exception:  # the body could not be read: the status line is the message
         body = b""
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        obj = None
+    obj, _ = parse_json(body)
     if isinstance(obj, dict):
         error = obj.get("error")
         msg = error.get("message") if isinstance(error, dict) else error

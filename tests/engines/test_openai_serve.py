@@ -184,6 +184,11 @@ def test_malformed_requests_get_4xx_and_the_server_goes_on(tokenizer):
         ({**ok, "tools": [{"type": "function"}]}, None, 400),
         ({**ok, "messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"type": "function", "function": {"name": "search", "arguments": "{oops"}}]}]}, None, 400),
+        # Issue 21, item 1: nested bodies and arguments were a 500 (RecursionError), a huge integer too.
+        (None, b"[" * 5000 + b"]" * 5000, 400),
+        (None, b'{"model": "scripted", "messages": [], "n": ' + b"9" * 5000 + b"}", 400),
+        ({**ok, "messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "search", "arguments": "[" * 5000 + "]" * 5000}}]}]}, None, 400),
     ]
     with Served(backend) as srv:
         for body, raw, status in bad:
