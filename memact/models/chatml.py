@@ -81,11 +81,9 @@ def parse_action(text: str) -> Action:
         return Action("invalid", error=f"no tool call and no {FINAL_ANSWER} found in the turn")
     if len(calls) > 1:
         return Action("invalid", error=f"one tool call per turn, got {len(calls)}")
-    obj, err = parse_json(calls[0].strip())
+    obj, err = parse_json(calls[0].strip(), what="tool-call JSON")
     if err is not None:
-        # the agent reads this text: the wording of a decode error is the one it was trained on
-        return Action("invalid", error=err.replace("malformed JSON", "malformed tool-call JSON", 1)
-                      if err.startswith("malformed JSON") else f"tool call: {err}")
+        return Action("invalid", error=err)
     if not isinstance(obj, dict):
         return Action("invalid", error="tool call must be a JSON object with 'name' and 'arguments'")
     name = obj.get("name")

@@ -34,7 +34,8 @@ def test_deeply_nested_tool_call_is_an_invalid_action():
 def test_parse_json_bounds():
     assert parse_json('{"a": [1, {"b": "[[[["}]}') == ({"a": [1, {"b": "[[[["}]}, None)
     assert parse_json(DEEP)[1].startswith("JSON nested 5000 levels deep")
-    assert parse_json(b"\xff")[1].startswith("not UTF-8")
+    assert parse_json(b"\xff")[1].startswith("JSON is not UTF-8")
+    assert parse_json(r'["\\", "\\\"[[", "a\\b"]') == (["\\", '\\"[[', "a\\b"], None)  # escapes inside strings
     assert parse_json("1" * 5000)[1].startswith("unreadable JSON")
     assert parse_json("x" * 100, max_chars=10)[1].startswith("JSON of 100 characters")
 
@@ -83,3 +84,27 @@ def test_any_text_is_an_action_or_an_error(text):
     assert parse_action(text).kind in ("tool", "invalid", "final")
     assert parse_action(_call(text)).kind in ("tool", "invalid", "final")
     parse_final_answer(text)
+
+
+def _depth_by_chars(text):
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, in_string) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='[]{}"\\ab,', max_size=60))
+def test_nesting_depth_scans_like_a_character_loop(text):
+    from memact.util.safejson import nesting_depth
+
+    assert nesting_depth(text) == _depth_by_chars(text)

@@ -5,6 +5,7 @@ cannot pick up another test folder's conftest."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from memact.research import workspace as ws
@@ -15,6 +16,7 @@ from memact.research.proposers import Proposal
 STUB_TRAIN = '''\
 """Stub train.py for tests."""
 import math
+import json
 import os
 import time
 
@@ -72,3 +74,58 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+class CannedServer:
+    """A loopback server answering each POST with the next of ``replies``; a context manager.
+
+    A reply is ``bytes`` (200 with that body), ``(status, obj)`` (obj sent as JSON) or
+    :class:`Cut` (a body shorter than its Content-Length: the connection closes mid-reply).
+    """
+
+    def __init__(self, replies: list | None = None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.replies = replies if replies is not None else []
+        queue = self.replies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                reply = queue.pop(0)
+                status, body = (200, reply) if isinstance(reply, (bytes, Cut)) else (reply[0], json.dumps(reply[1]).encode())
+                declared = len(body) * (2 if isinstance(body, Cut) else 1)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(declared))
+                self.end_headers()
+                self.wfile.write(bytes(body))
+                self.close_connection = isinstance(body, Cut)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def __enter__(self) -> CannedServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Cut(bytes):
+    """A reply body the server cuts short (sent with twice its length as Content-Length)."""
+
+
+def chat_reply(message) -> bytes:
+    """A chat-completions body holding ``message`` as it is (a string too: a malformed reply)."""
+    return json.dumps({"choices": [{"message": message}]}).encode()

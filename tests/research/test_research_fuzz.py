@@ -8,13 +8,11 @@ Each test prints its counts: inputs tried, failures logged, proposals accepted, 
 
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from research_helpers import STUB_TRAIN, make_workspace
+from research_helpers import STUB_TRAIN, CannedServer, make_workspace
 
 from memact.research import workspace as ws
 from memact.research.endpoint import Endpoint
@@ -130,22 +128,6 @@ def test_fuzz_messages_and_contents_through_the_proposer(capsys):
     counts.report(capsys)
 
 
-class _Bodies(BaseHTTPRequestHandler):
-    bodies: list[bytes] = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers["Content-Length"]))
-        body = self.bodies.pop(0)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def _body(obj):
     if isinstance(obj, bytes):
         return obj
@@ -158,35 +140,30 @@ def _body(obj):
 def test_fuzz_http_bodies_into_the_loop(tmp_path, capsys):
     """Arbitrary reply bodies over loopback HTTP into ResearchLoop.experiment: each one logs a row."""
     workdir = make_workspace(tmp_path / "ws", STUB_TRAIN)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bodies)
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
-    endpoint = Endpoint(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="stub", retries=0, timeout_s=10)
-    cfg = RunConfig(budget_s=2, experiments=10**6, baseline_runs=2)
-    loop = ResearchLoop(workdir, cfg, ChatProposer(endpoint), HeuristicMemory(), log=lambda msg: None)
-    loop.recover()
-    loop.state.update(baseline=[3.40, 3.45], margin=0.05, best_val=3.40, best_experiment=0)  # as if measured
-    loop.memory.add_outcome(Outcome(0, "keep", 3.40, "baseline", "no change"))
-    counts = Counts("HTTP body -> ResearchLoop.experiment")
+    with CannedServer() as server:
+        endpoint = Endpoint(base_url=server.url, model="stub", retries=0, timeout_s=10)
+        cfg = RunConfig(budget_s=2, experiments=10**6, baseline_runs=2)
+        loop = ResearchLoop(workdir, cfg, ChatProposer(endpoint), HeuristicMemory(), log=lambda msg: None)
+        loop.recover()
+        loop.state.update(baseline=[3.40, 3.45], margin=0.05, best_val=3.40, best_experiment=0)  # as if measured
+        loop.memory.add_outcome(Outcome(0, "keep", 3.40, "baseline", "no change"))
+        counts = Counts("HTTP body -> ResearchLoop.experiment")
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(REPLY.map(_body) | st.binary(max_size=80) | MESSAGE.map(lambda m: _body({"choices": [{"message": m}]})))
-    def run(body):
-        _Bodies.bodies[:] = [body]
-        rows_before = loop.state["rows_logged"]
+        @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(REPLY.map(_body) | st.binary(max_size=80) | MESSAGE.map(lambda m: _body({"choices": [{"message": m}]})))
+        def run(body):
+            server.replies[:] = [body]
+            rows_before = loop.state["rows_logged"]
 
-        def one():
-            loop.state["proposer_failures"] = 0
-            loop.experiment()
-            assert loop.state["rows_logged"] == rows_before + 1
-            row = read_results(os.path.join(workdir, ws.RESULTS_FILE))[-1]
-            assert not ws.is_dirty(workdir)
-            return row.description if row.status == "crash" and row.commit == "-" else Proposal(row.description)
+            def one():
+                loop.state["proposer_failures"] = 0
+                loop.experiment()
+                assert loop.state["rows_logged"] == rows_before + 1
+                row = read_results(os.path.join(workdir, ws.RESULTS_FILE))[-1]
+                assert not ws.is_dirty(workdir)
+                return row.description if row.status == "crash" and row.commit == "-" else Proposal(row.description)
 
-        counts.feed(one)
+            counts.feed(one)
 
-    try:
         run()
-    finally:
-        server.shutdown()
-        server.server_close()
     counts.report(capsys)

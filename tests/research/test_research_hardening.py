@@ -11,12 +11,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from research_helpers import STUB_TRAIN, ScriptedProposer, make_workspace, process_alive
+from research_helpers import (
+    STUB_TRAIN,
+    CannedServer,
+    Cut,
+    ScriptedProposer,
+    chat_reply,
+    make_workspace,
+    process_alive,
+)
 
 from memact.research import loop as loop_module
 from memact.research import workspace as ws
@@ -328,49 +334,20 @@ LIST_GOOD = [
 ]
 
 
-class _RawHandler(BaseHTTPRequestHandler):
-    bodies: list[bytes] = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers["Content-Length"]))
-        body = self.bodies.pop(0)
-        truncated = body.startswith(b"TRUNCATE:")
-        body = body.removeprefix(b"TRUNCATE:")
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body) * (2 if truncated else 1)))
-        self.end_headers()
-        self.wfile.write(body)
-        if truncated:
-            self.close_connection = True
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def raw_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _RawHandler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield server, _RawHandler.bodies
-    server.shutdown()
-    server.server_close()
-
-
-def _choice(message):
-    return json.dumps({"choices": [{"message": message}]}).encode()
+    with CannedServer() as server:
+        yield server
 
 
 def test_four_malformed_proposer_replies_are_logged_failures(stub_workspace, raw_server):
-    server, bodies = raw_server
-    bodies[:] = [
-        _choice("DESCRIPTION: a message that is a string"),
-        _choice({"role": "assistant", "content": 42}),
-        _choice({"role": "assistant", "content": LIST_GOOD}),  # content parts, as the OpenAI API allows
-        b"TRUNCATE:" + _choice({"role": "assistant", "content": "DESCRIPTION: cut"})[:25],
+    raw_server.replies[:] = [
+        chat_reply("DESCRIPTION: a message that is a string"),
+        chat_reply({"role": "assistant", "content": 42}),
+        chat_reply({"role": "assistant", "content": LIST_GOOD}),  # content parts, as the OpenAI API allows
+        Cut(chat_reply("DESCRIPTION: cut")[:25]),
     ]
-    endpoint = Endpoint(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="stub", retries=0, timeout_s=10)
+    endpoint = Endpoint(base_url=raw_server.url, model="stub", retries=0, timeout_s=10)
     assert _loop(stub_workspace, ChatProposer(endpoint), 4).run() == 0
     rows = read_results(os.path.join(stub_workspace, ws.RESULTS_FILE))[2:]
     assert [r.status for r in rows] == ["crash", "crash", "keep", "crash"], rows
@@ -378,7 +355,7 @@ def test_four_malformed_proposer_replies_are_logged_failures(stub_workspace, raw
         assert rows[i].description.startswith("proposer failed: ") and rows[i].commit == "-"
     assert rows[2].description == "raise the learning rate"
     _clean_at_best(stub_workspace)
-    assert "LEARNING_RATE = 0.004" in ws.read_file(stub_workspace) and not bodies
+    assert "LEARNING_RATE = 0.004" in ws.read_file(stub_workspace) and not raw_server.replies
 
 
 # ---- item 7 (research): the resume message --------------------------------------------------

@@ -5,12 +5,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from research_helpers import STUB_TRAIN, ScriptedProposer, make_workspace, process_alive
+from research_helpers import (
+    STUB_TRAIN,
+    CannedServer,
+    ScriptedProposer,
+    chat_reply,
+    make_workspace,
+    process_alive,
+)
 
 from memact.research import workspace as ws
 from memact.research.endpoint import Endpoint
@@ -65,30 +70,10 @@ def test_noise_level_change_is_discarded(tmp_path):
     assert "DEPTH = 2" in ws.read_file(workdir)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    replies: list[str] = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers["Content-Length"]))
-        content = self.replies.pop(0)
-        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def chat_server():
-    server = HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, _Handler.replies
-    server.shutdown()
+    with CannedServer() as server:
+        yield server
 
 
 GOOD = """DESCRIPTION: raise the learning rate
@@ -110,9 +95,8 @@ OTHER_FILE = GOOD.replace("a/train.py", "a/prepare.py").replace("b/train.py", "b
 
 
 def test_llm_patches_are_checked_before_they_are_applied(stub_workspace, chat_server):
-    server, replies = chat_server
-    replies.extend(["DESCRIPTION: no diff at all", HALF_BAD, OTHER_FILE, GOOD])
-    endpoint = Endpoint(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="stub", retries=0)
+    chat_server.replies.extend(chat_reply({"role": "assistant", "content": c}) for c in ["DESCRIPTION: no diff at all", HALF_BAD, OTHER_FILE, GOOD])
+    endpoint = Endpoint(base_url=chat_server.url, model="stub", retries=0)
     assert _loop(stub_workspace, ChatProposer(endpoint), 4).run() == 0
     rows = read_results(os.path.join(stub_workspace, ws.RESULTS_FILE))[2:]
     assert [r.status for r in rows] == ["crash", "crash", "crash", "keep"]

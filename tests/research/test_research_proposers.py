@@ -3,7 +3,7 @@
 import difflib
 
 import pytest
-from research_helpers import STUB_TRAIN
+from research_helpers import STUB_TRAIN, CannedServer
 
 from memact.research.proposers import (
     TUNABLES,
@@ -85,31 +85,6 @@ def test_make_proposer_names_bad_specs(monkeypatch):
         make_proposer("policy:runs/policy")
 
 
-def _serve(replies):
-    """A loopback server answering each POST with the next ``(status, JSON body)``."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's naming)
-            self.rfile.read(int(self.headers["Content-Length"]))
-            status, obj = replies.pop(0)
-            body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
-    return server
-
-
 def test_endpoint_retries_through_the_shared_client_and_raises_endpoint_error():
     from memact.research.endpoint import Endpoint, EndpointError
     from memact.util.http import ChatClientError
@@ -117,19 +92,15 @@ def test_endpoint_retries_through_the_shared_client_and_raises_endpoint_error():
     message = {"role": "assistant", "content": "DESCRIPTION: x"}
     replies = [(409, {"error": {"message": "lock timeout"}}), (200, {"choices": [{"message": message}]}),
                (400, {"error": {"message": "unknown model 'stub'"}})]
-    server = _serve(replies)
-    try:
-        endpoint = Endpoint(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="stub", timeout_s=10,
+    with CannedServer(replies) as server:
+        endpoint = Endpoint(base_url=server.url, model="stub", timeout_s=10,
                             retries=1, backoff_s=0.001, max_backoff_s=0.01)
         assert endpoint.chat([{"role": "user", "content": "go"}]) == message  # the 409 was retried
         with pytest.raises(EndpointError) as err:
             endpoint.chat([{"role": "user", "content": "go"}])
-    finally:
-        server.shutdown()
-        server.server_close()
     assert isinstance(err.value, ChatClientError) and err.value.status == 400 and err.value.attempts == 1
     assert "HTTP 400: unknown model 'stub' (after 1 attempt(s))" in str(err.value)
-    assert f"127.0.0.1:{server.server_port}/v1/chat/completions" in str(err.value) and not replies
+    assert f"{server.url}/chat/completions" in str(err.value) and not replies
 
 
 def test_endpoint_openai_reads_the_shared_environment(monkeypatch):
