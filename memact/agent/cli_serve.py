@@ -31,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the name clients send as 'model' (default: MODEL_DIR as given)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
     p.add_argument("--max-batch-size", type=int, default=32, help="most requests in one engine call")
+    p.add_argument("--backlog", type=int, default=1024,
+                   help="connections the kernel queues before they are accepted (default 1024; capped by "
+                   "net.core.somaxconn)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a socket read or write may wait before the client is dropped (default 60)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for the scripted expert")
     p.add_argument("--objectives", "-k", type=int, default=2, help="scripted: sub-questions per task")
     p.add_argument("--n", type=int, default=16, help="scripted: number of tasks")
@@ -41,10 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_server(args: argparse.Namespace):
     from memact.engines.serve import make_server
 
+    if args.backlog < 1:
+        raise SystemExit(f"memact serve: --backlog must be at least 1, got {args.backlog}")
+    if not 0 < args.timeout < float("inf"):
+        raise SystemExit(f"memact serve: --timeout must be a positive number of seconds, got {args.timeout}")
+
     backend = load_backend(args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                            max_batch_size=args.max_batch_size, tokenizer_dir=args.tokenizer,
                            objectives=args.objectives, n=args.n, seed=args.seed)
-    return make_server(backend, args.host, args.port)
+    return make_server(backend, args.host, args.port, backlog=args.backlog, timeout=args.timeout)
 
 
 def _stop_on_sigterm(signum, frame):

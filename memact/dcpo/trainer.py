@@ -344,7 +344,7 @@ def pack_mini_batches(seqs: list[TrainSequence], cfg: Config, pad_id: int, devic
 
 def trainer_temperature(cfg: Config) -> float:
     """The temperature of the rollout log-probs (greedy rollouts report T = 1)."""
-    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    return SamplingParams(temperature=cfg.rollout.temperature).logprob_temperature
 
 
 @torch.no_grad()

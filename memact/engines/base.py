@@ -24,12 +24,17 @@ if TYPE_CHECKING:
     import torch
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy, as in vLLM: dividing logits by 1e-45 gives inf and NaN."""
+
+
 @dataclass
 class SamplingParams:
     """How to sample a turn."""
 
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy. Log-probs are of softmax(logits / T) (T=1 if greedy)."""
+    """Softmax temperature; below ``GREEDY_BELOW`` (0 included) greedy. Log-probs are of
+    softmax(logits / T) (T=1 if greedy)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables it."""
     max_new_tokens: int = 128
@@ -38,6 +43,15 @@ class SamplingParams:
     """Token ids that end a turn (included in the output); empty means the engine's end of turn."""
     seed: int | None = None
     """Seed of the sampling RNG for this call (None: the engine's running generator)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The T of the log-probs an engine reports: the temperature, or 1 when greedy."""
+        return 1.0 if self.greedy else self.temperature
 
 
 @dataclass

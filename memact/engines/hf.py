@@ -17,7 +17,7 @@ def _next_tokens(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Gene
 
     logits: (rows, vocab) float32. T is 1 when greedy; top-p only restricts what is drawn.
     """
-    greedy = sampling.temperature <= 0
+    greedy = sampling.greedy
     scaled = logits if greedy else logits / sampling.temperature
     logp_all = torch.log_softmax(scaled, dim=-1)
     if greedy:

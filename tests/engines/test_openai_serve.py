@@ -12,16 +12,15 @@ import urllib.request
 
 import pytest
 import torch
+from serve_helpers import Served, _post, _scripted_backend
 
 from memact.agent.chat import ChatRenderer
 from memact.agent.loop import run_episodes
 from memact.agent.rollout import make_policy
-from memact.agent.scripted import ScriptedExpert
 from memact.engines.base import SamplingParams
 from memact.engines.hf import HFEngine
 from memact.engines.openai import OpenAIEngine, prompt_to_messages, reply_text, split_tools
-from memact.engines.scripted import ScriptedEngine
-from memact.engines.serve import ChatBackend, RequestError, make_server
+from memact.engines.serve import RequestError
 from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS, Budget
 from memact.env.task import make_tasks
 from memact.models.chatml import call_text
@@ -29,60 +28,6 @@ from memact.models.model import load_policy
 from memact.trajectory import to_json
 
 BUDGET = Budget(DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS)
-
-
-class Served:
-    """A server for ``backend`` in a thread on a free loopback port."""
-
-    def __init__(self, backend: ChatBackend):
-        self.backend = backend
-        self.server = make_server(backend, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.stopped = False
-
-    def stop(self):
-        if not self.stopped:
-            self.stopped = True
-            self.server.shutdown()
-            self.server.server_close()
-            self.backend.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class Recording:
-    """Wraps an engine: records the prompts it was given, runs a hook after each call."""
-
-    def __init__(self, engine, after=None):
-        self.engine, self.after, self.prompts = engine, after, []
-
-    def generate(self, prompts, sampling):
-        self.prompts.extend(prompts)
-        out = self.engine.generate(prompts, sampling)
-        if self.after:
-            self.after(len(self.prompts))
-        return out
-
-
-def _scripted_backend(tasks, tok, seed, after=None):
-    engine = Recording(ScriptedEngine(ScriptedExpert(tasks, memory=True, seed=seed), tok), after)
-    return ChatBackend(engine, tok, "scripted"), engine
-
-
-def _post(url, body, raw=None):
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}/chat/completions", data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 # ----------------------------------------------------------------------------- rollouts over HTTP
