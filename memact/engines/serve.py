@@ -36,7 +36,7 @@ from typing import Any
 
 from memact.engines.base import Generation, SamplingParams
 from memact.engines.openai import TOOL_CALL_RE, hermes_calls
-from memact.models.chatml import ENDOFTEXT, IM_END, call_text
+from memact.models.chatml import ENDOFTEXT, IM_END, call_text, render_chat
 from memact.util.safejson import parse_json
 
 log = logging.getLogger(__name__)
@@ -401,8 +401,7 @@ class ChatBackend:
     def complete(self, body: Any) -> dict[str, Any]:
         req = parse_request(body, self.model_name, self.renders_tool_calls)
         try:
-            text = self.tokenizer.apply_chat_template(req.messages, tools=req.tools or None,
-                                                      add_generation_prompt=True, tokenize=False)
+            text = render_chat(self.tokenizer, req.messages, req.tools, add_generation_prompt=True)
         except Exception as err:  # the template rejected the conversation (e.g. role order)
             raise RequestError(400, f"the chat template cannot render these messages: {err}") from None
         prompt = list(self.tokenizer.encode(text, add_special_tokens=False))

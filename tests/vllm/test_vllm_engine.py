@@ -19,13 +19,13 @@ LOGPROB_ATOL = 1e-4  # fp32: measured agreement is about 1.5e-5
 MAX_NEW = 24
 
 
-def _engine(model_dir, multiprocess: bool):
+def _engine(model_dir, multiprocess: bool, max_model_len: int = 512):
     from memact.engines.vllm import VLLMEngine
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
     try:
-        return VLLMEngine(model_dir, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+        return VLLMEngine(model_dir, dtype="float32", max_model_len=max_model_len, enforce_eager=True, seed=0)
     finally:
         if old is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -165,3 +165,26 @@ def test_weight_push_multiprocess_engine(tiny_model_dir, hf):
         _check_weight_push(engine, hf)
     finally:
         engine.llm.llm_engine.engine_core.shutdown()
+
+
+def test_vllm_rolls_out_the_imported_real_model_as_the_trainer_scores_it(smollm2_dir):
+    """SmolLM2-135M-Instruct from `memact import-model`: vLLM loads the directory, and its greedy
+    tokens are the argmax of the trainer's forward (to 1e-3: near-ties may differ) with its log-probs."""
+    from memact.engines.base import SamplingParams
+    from memact.models.model import load_policy
+
+    model, tok = load_policy(smollm2_dir)
+    prompts = _prompts(tok)[:2]
+    engine = _engine(smollm2_dir, multiprocess=False, max_model_len=2048)
+    try:
+        gens = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=16))
+    finally:
+        engine.llm.llm_engine.engine_core.shutdown()
+    for p, g in zip(prompts, gens):
+        assert g.error is None and len(g.output_ids) >= 1
+        with torch.no_grad():
+            logits = model(torch.tensor([p + g.output_ids])).logits[0, len(p) - 1:-1].float()
+        logp = torch.log_softmax(logits, -1)
+        chosen = logp.gather(-1, torch.tensor(g.output_ids)[:, None]).squeeze(-1)
+        assert (chosen >= logp.max(-1).values - 1e-3).all(), tok.decode(g.output_ids)
+        assert torch.allclose(torch.tensor(g.logprobs), chosen, atol=1e-3), (g.logprobs, chosen.tolist())
