@@ -133,3 +133,33 @@ def test_zero_shot_eval_of_the_real_model_at_k_1_and_2(smollm2_dir, tmp_path):
     for row in summary:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["total_tokens"] > 0 and row["failed"] == 0
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 4
+
+
+def test_lora_sft_then_a_dcpo_step_on_the_real_model(smollm2_dir, tmp_path):
+    """LoRA through DeepSpeed on real weights: one SFT step on scripted trajectories in SmolLM2's
+    tokens, then one DCPO step from it; both checkpoints are plain HF directories that load."""
+    from transformers import AutoModelForCausalLM
+
+    from memact.agent.rollout import rollout
+    from memact.dcpo.config import load_config
+    from memact.dcpo.sft import sft
+    from memact.dcpo.trainer import train
+    from memact.trajectory import write_jsonl
+
+    data = tmp_path / "scripted.jsonl"
+    write_jsonl(data, rollout("scripted", 1, 2, tokenizer_dir=str(smollm2_dir), progress=False))
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "run.threads=1", "logging.progress=false",
+            "optim.warmup_steps=0", "optim.lr=1e-3", "batch.max_seq_len=4096"]
+    sft_out = sft(load_config(None, [f"model.path={smollm2_dir}", f"sft.data={data}", f"run.out_dir={tmp_path / 'sft'}",
+                                     "sft.epochs=1", "sft.segments_per_step=2", *lora]))
+    rows = [json.loads(line) for line in open(sft_out / "metrics.jsonl")]
+    assert len(rows) >= 1 and all(r["grad_norm"] > 0 for r in rows)
+    run = train(load_config(None, [f"model.path={sft_out}", f"run.out_dir={tmp_path / 'dcpo'}", "run.steps=1", *lora,
+                                   "rollout.prompts_per_step=1", "rollout.n_traj=2", "rollout.max_steps=2",
+                                   "rollout.max_new_tokens=8", "rollout.context_budget=2048",
+                                   "logging.table_every=0"]))
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0]
+    for model_dir in (sft_out, run / "checkpoints" / "step_000001"):
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert type(model).__name__ == "LlamaForCausalLM"

@@ -167,15 +167,26 @@ def test_weight_push_multiprocess_engine(tiny_model_dir, hf):
         engine.llm.llm_engine.engine_core.shutdown()
 
 
-def test_vllm_rolls_out_the_imported_real_model_as_the_trainer_scores_it(smollm2_dir):
-    """SmolLM2-135M-Instruct from `memact import-model`: vLLM loads the directory, and its greedy
-    tokens are the argmax of the trainer's forward (to 1e-3: near-ties may differ) with its log-probs."""
+def test_vllm_rolls_out_the_real_model_after_lora_sft_as_the_trainer_scores_it(smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct from `memact import-model`, one LoRA SFT step (the adapters merged
+    into a plain directory): vLLM loads the checkpoint, and its greedy tokens are the argmax of the
+    trainer's forward (to 1e-3: near-ties may differ) with its log-probs."""
+    from memact.agent.rollout import rollout
+    from memact.dcpo.config import load_config
+    from memact.dcpo.sft import sft
     from memact.engines.base import SamplingParams
     from memact.models.model import load_policy
+    from memact.trajectory import write_jsonl
 
-    model, tok = load_policy(smollm2_dir)
+    data = tmp_path / "scripted.jsonl"
+    write_jsonl(data, rollout("scripted", 1, 2, tokenizer_dir=str(smollm2_dir), progress=False))
+    trained = sft(load_config(None, [
+        f"model.path={smollm2_dir}", f"sft.data={data}", f"run.out_dir={tmp_path / 'sft'}", "sft.epochs=1",
+        "sft.segments_per_step=2", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "optim.lr=1e-3",
+        "optim.warmup_steps=0", "batch.max_seq_len=4096", "run.threads=1", "logging.progress=false"]))
+    model, tok = load_policy(trained)
     prompts = _prompts(tok)[:2]
-    engine = _engine(smollm2_dir, multiprocess=False, max_model_len=2048)
+    engine = _engine(trained, multiprocess=False, max_model_len=2048)
     try:
         gens = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=16))
     finally:
