@@ -63,6 +63,42 @@ TOOLS_POSTAMBLE = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
     "<args-json-object>}\n</tool_call>"
 )
+# A ChatML chat template that renders tools, tool calls and tool results the way memact's
+# prompts do (Qwen2.5's tools block, hermes calls, <tool_response> user turns), for a checkpoint
+# whose own template drops them: `memact import-model` writes it, so that transformers, vLLM
+# (`vllm serve --tool-call-parser hermes`) and memact all show the model its tools.
+HERMES_CHAT_TEMPLATE = (
+    "{%- set preamble = " + json.dumps(TOOLS_PREAMBLE) + " %}"
+    "{%- set postamble = " + json.dumps(TOOLS_POSTAMBLE) + " %}"
+    "{%- if messages and messages[0].role == 'system' %}{%- set ns = namespace(sys=messages[0].content or '') %}"
+    "{%- set rest = messages[1:] %}{%- else %}{%- set ns = namespace(sys=DEFAULT_SYSTEM) %}{%- set rest = messages %}"
+    "{%- endif %}"
+    "{%- if tools %}{%- set ns.sys = (ns.sys + '\n\n' if ns.sys else '') + preamble %}"
+    "{%- for t in tools %}{%- set ns.sys = ns.sys + '\n' + (t | tojson) %}{%- endfor %}"
+    "{%- set ns.sys = ns.sys + postamble %}{%- endif %}"
+    "{%- if ns.sys %}{{- '<|im_start|>system\n' + ns.sys + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for m in rest %}"
+    "{%- if m.role == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + (m.content or '') + '\n</tool_response><|im_end|>\n' }}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if m.content %}{{- m.content + '\n' }}{%- endif %}"
+    "{%- for tc in m.tool_calls %}{%- set f = tc.function if tc.function is defined else tc %}"
+    "{%- if not loop.first %}{{- '\n' }}{%- endif %}"
+    "{%- if f.arguments is string %}"
+    "{{- '<tool_call>\n{\"name\": ' + (f.name | tojson) + ', \"arguments\": ' + f.arguments + '}\n</tool_call>' }}"
+    "{%- else %}{{- '<tool_call>\n' + ({'name': f.name, 'arguments': f.arguments} | tojson) + '\n</tool_call>' }}"
+    "{%- endif %}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\n' + (m.content or '') + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def hermes_chat_template(default_system: str = "") -> str:
+    """:data:`HERMES_CHAT_TEMPLATE` with the system prompt used when a conversation has none."""
+    return "{%- set DEFAULT_SYSTEM = " + json.dumps(default_system) + " %}" + HERMES_CHAT_TEMPLATE
+
+
 _PROBE_TOOL = {"name": "memact_probe_tool_3f9c", "description": "probe", "parameters": {"type": "object"}}
 _RENDERS_TOOLS: dict[str, bool] = {}
 

@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("source", metavar="SOURCE", help="'smollm2' or a path to a .gguf file")
     q.add_argument("--out", required=True, help="output directory (absent or empty)")
     q.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype on disk (default float32)")
+    q.add_argument("--keep-template", action="store_true",
+                   help="keep the model's chat template even if it drops tools (by default such a template is "
+                   "replaced by memact's hermes ChatML one, so vLLM and transformers show the model its tools)")
     q.set_defaults(func=run_import)
 
 
@@ -44,11 +47,12 @@ def run_import(args: argparse.Namespace) -> int:
     from memact.models.gguf import ImportModelError, import_gguf
 
     try:
-        out, facts = import_gguf(args.source, args.out, dtype=args.dtype)
+        out, facts = import_gguf(args.source, args.out, dtype=args.dtype, keep_template=args.keep_template)
     except (ImportModelError, FileExistsError) as err:
         raise SystemExit(f"error: memact import-model: {err}") from None
     print(f"wrote {out}: {facts['architecture']} parameters={facts['parameters']:,} vocab={facts['vocab']} "
-          f"dtype={facts['dtype']} size={facts['bytes'] / 2**20:.0f} MiB (read and converted in {facts['load_s']} s)")
+          f"dtype={facts['dtype']} size={facts['bytes'] / 2**20:.0f} MiB chat template: {facts['chat_template']} "
+          f"(read and converted in {facts['load_s']} s)")
     return 0
 
 

