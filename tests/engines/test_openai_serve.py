@@ -90,15 +90,15 @@ def test_killed_server_fails_its_episodes_and_the_rest_complete(tokenizer):
 def test_retries_on_503_then_succeeds_or_reports_the_status(tokenizer):
     tasks = make_tasks(1, 1, 2)
     backend, _ = _scripted_backend(tasks, tokenizer, 0)
-    complete, failures = backend.complete, {"left": 2}
+    answer, failures = backend.answer, {"left": 2}
 
-    def flaky(body):
+    def flaky(req):
         if failures["left"] > 0:
             failures["left"] -= 1
             raise RequestError(503, "warming up", "server_error")
-        return complete(body)
+        return answer(req)
 
-    backend.complete = flaky
+    backend.answer = flaky
     renderer = ChatRenderer(tokenizer)
     ep_prompt = renderer.prompt_ids(renderer.head_ids("sys", "[id: x]\n" + tasks[0].prompt_text(), None), [])
     with Served(backend) as srv:
@@ -124,7 +124,8 @@ def test_malformed_requests_get_4xx_and_the_server_goes_on(tokenizer):
         ({**ok, "messages": [{"role": "user", "content": 5}]}, None, 400),
         ({**ok, "temperature": "hot"}, None, 400),
         ({**ok, "max_tokens": 0}, None, 400),
-        ({**ok, "stream": True}, None, 400),
+        ({**ok, "stream_options": {"include_usage": True}}, None, 400),  # without stream
+        ({**ok, "stream": True, "stream_options": {"include_usage": 1}}, None, 400),
         ({**ok, "n": 2}, None, 400),
         ({**ok, "tools": [{"type": "function"}]}, None, 400),
         ({**ok, "messages": [{"role": "assistant", "content": None, "tool_calls": [

@@ -16,25 +16,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_helpers import Served, _post
+from serve_helpers import FixedEngine, Served, _post
 
-from memact.engines.base import Generation, SamplingParams
+from memact.engines.base import SamplingParams
 from memact.engines.hf import _next_tokens
 from memact.engines.serve import ChatBackend, RequestError, make_server
-from memact.models.chatml import IM_END, call_text
-
-
-class FixedEngine:
-    """Answers every prompt with the same text (and the end-of-turn token)."""
-
-    def __init__(self, tok, text):
-        self.ids = list(tok.encode(text, add_special_tokens=False)) + [tok.convert_tokens_to_ids(IM_END)]
-        self.calls = 0
-
-    def generate(self, prompts, sampling):
-        self.calls += len(prompts)
-        return [Generation(list(self.ids), [0.0] * len(self.ids)) for _ in prompts]
-
+from memact.models.chatml import call_text
 
 TEXT = "alpha beta gamma delta epsilon"
 OK = {"model": "fixed", "messages": [{"role": "user", "content": "hi"}]}
@@ -316,7 +303,8 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "ass
 PLAUSIBLE = {"temperature": st.floats(0, 2.5) | st.just(1e-45), "top_p": st.floats(0, 1.2), "seed": st.integers(),
              "max_tokens": st.integers(-2, 64), "stop": st.none() | TEXT_ST | st.lists(TEXT_ST, max_size=3),
              "tool_choice": st.sampled_from([None, "auto", "none", "required"]), "n": st.integers(0, 2),
-             "logprobs": st.booleans(), "response_format": st.sampled_from([None, {"type": "text"}, {"type": "x"}]),
+             "logprobs": st.booleans(), "stream": st.booleans(),
+             "stream_options": st.sampled_from([None, {"include_usage": True}, {"x": 1}]), "response_format": st.sampled_from([None, {"type": "text"}, {"type": "x"}]),
              "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
                  {"name": TEXT_ST})}), max_size=2)}
 NEAR_VALID = st.fixed_dictionaries({"model": st.just("fixed"), "messages": st.lists(st.fixed_dictionaries(
@@ -398,8 +386,13 @@ def test_fuzz_requests_over_http(fixed, capsys):
                    + b"\r\n\r\n" + body)
         try:
             code, headers, reply = _raw(port, request, timeout=20)
-            assert headers["Content-Type"] == "application/json" and json.loads(reply)["error" if code >= 400
-                                                                                      else "choices"]
+            if headers["Content-Type"] == "text/event-stream":  # a valid streamed request
+                events = [e for e in reply.decode().split("\n\n") if e]
+                assert code == 200 and events[-1] == "data: [DONE]"
+                assert all(json.loads(e[len("data: "):])["object"] == "chat.completion.chunk" for e in events[:-1])
+            else:
+                assert headers["Content-Type"] == "application/json"
+                assert json.loads(reply)["error" if code >= 400 else "choices"]
         except Exception as err:
             counts.raised += 1
             if len(counts.examples) < 5:
