@@ -172,18 +172,23 @@ def test_vllm_rolls_out_the_real_model_after_lora_sft_as_the_trainer_scores_it(s
     into a plain directory): vLLM loads the checkpoint, and its greedy tokens are the argmax of the
     trainer's forward (to 1e-3: near-ties may differ) with its log-probs."""
     from memact.agent.rollout import rollout
-    from memact.dcpo.config import load_config
-    from memact.dcpo.sft import sft
     from memact.engines.base import SamplingParams
     from memact.models.model import load_policy
     from memact.trajectory import write_jsonl
 
     data = tmp_path / "scripted.jsonl"
     write_jsonl(data, rollout("scripted", 1, 2, tokenizer_dir=str(smollm2_dir), progress=False))
-    trained = sft(load_config(None, [
-        f"model.path={smollm2_dir}", f"sft.data={data}", f"run.out_dir={tmp_path / 'sft'}", "sft.epochs=1",
-        "sft.segments_per_step=2", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "optim.lr=1e-3",
-        "optim.warmup_steps=0", "batch.max_seq_len=4096", "run.threads=1", "logging.progress=false"]))
+    # In a child process: DeepSpeed's process group cannot be made where vLLM engines already ran.
+    import subprocess
+    import sys
+
+    trained = tmp_path / "sft"
+    env = {k: v for k, v in os.environ.items()  # not the rendezvous of this process's vLLM engines
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    subprocess.run([sys.executable, "-m", "memact.cli", "sft", "--data", str(data), "--out", str(trained),
+                    f"model.path={smollm2_dir}", "sft.epochs=1", "sft.segments_per_step=2", "lora.enabled=true",
+                    "lora.r=4", "lora.alpha=8", "optim.lr=1e-3", "optim.warmup_steps=0", "batch.max_seq_len=4096",
+                    "run.threads=1", "logging.progress=false"], check=True, env=env)
     model, tok = load_policy(trained)
     prompts = _prompts(tok)[:2]
     engine = _engine(trained, multiprocess=False, max_model_len=2048)
