@@ -38,7 +38,7 @@ from typing import Any
 
 from memact.engines.base import Generation, SamplingParams
 from memact.engines.openai import TOOL_CALL_RE, hermes_calls
-from memact.models.chatml import ENDOFTEXT, IM_END, call_text, render_chat
+from memact.models.chatml import call_text, render_chat, strip_turn_end
 from memact.util.safejson import parse_json
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def _check_fields(body: dict) -> None:
     for key, noop in NOOP_ONLY.items():
         value = body.get(key)
         if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in noop):
-            allowed = f" (only {' or '.join(map(repr, noop))})" if noop else ""
-            raise RequestError(400, f"'{key}' = {value!r} is not supported by this server{allowed}")
+            raise RequestError(400, f"'{key}' = {value!r} is not supported by this server (only "
+                                    f"{' or '.join(map(repr, noop))})")
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
         raise RequestError(400, f"'tool_choice' = {choice!r} is not supported: only 'auto' and 'none' (forcing a "
@@ -273,7 +273,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     If any ``<tool_call>`` block is not a JSON object with a name, nothing is parsed and the
     whole text is the content.
     """
-    text = text.replace(IM_END, "").replace(ENDOFTEXT, "")
+    text = strip_turn_end(text)
     calls = hermes_calls(text)
     if calls is None:
         return text, []
@@ -477,7 +477,7 @@ class ChatBackend:
         else:
             text = decode(gen.output_ids)
         if req.tool_choice == "none":
-            content, tool_calls = text.replace(IM_END, "").replace(ENDOFTEXT, ""), []
+            content, tool_calls = strip_turn_end(text), []
         else:
             content, tool_calls = parse_tool_calls(text)
         message: dict[str, Any] = {"role": "assistant", "content": content}

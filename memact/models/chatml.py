@@ -155,6 +155,11 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
+def strip_turn_end(text: str) -> str:
+    """A turn's text without the end-of-turn markup the engine emitted (``<|im_end|>``, ``<|endoftext|>``)."""
+    return text.replace(IM_END, "").replace(ENDOFTEXT, "")
+
+
 def tool_response_text(response_text: str) -> str:
     """A tool response as the model sees it: a ChatML user turn wrapping ``<tool_response>``."""
     return f"{IM_START}user\n{TOOL_RESPONSE_OPEN}\n{response_text}\n{TOOL_RESPONSE_CLOSE}{IM_END}\n"
@@ -171,7 +176,7 @@ def parse_action(text: str) -> Action:
     One tool call per turn; a final answer is a turn with ``FINAL_ANSWER:`` and no call.
     Every malformed turn becomes ``Action("invalid", error=...)`` with a message for the agent.
     """
-    text = text.replace(IM_END, "").replace(ENDOFTEXT, "")
+    text = strip_turn_end(text)
     calls = _TOOL_CALL_RE.findall(text)
     if not calls:
         if TOOL_CALL_OPEN in text:
