@@ -186,6 +186,10 @@ class VLLMConfig:
 class RolloutConfig:
     """How DCPO samples prompts and trajectories each step."""
 
+    tasks: str = "synthetic"
+    """Where the prompts come from (``memact.env.sources``, docs/data.md): ``synthetic``,
+    ``long[:WORDS]`` (documents padded to retrieved-passage length), ``hotpotqa:PATH`` or
+    ``qa:PATH`` (a file's ``train`` split: `memact eval` uses its ``eval`` split)."""
     objectives: int = 2
     """Sub-questions per task (K) when ``curriculum`` is empty."""
     curriculum: list[int] = field(default_factory=list)
@@ -427,6 +431,22 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _check_tasks(r: RolloutConfig) -> None:
+    """``rollout.tasks`` names a source; a file's rows are all read and checked here, before any
+    weights load, and its ``train`` split must hold the largest K of the run."""
+    from memact.env.sources import parse_source
+
+    try:
+        source = parse_source(r.tasks)
+        if source.path:
+            k_max = max([r.objectives, *r.curriculum])
+            n = len(source.questions("train"))
+            if n < k_max:
+                raise ValueError(f"its train split has {n} questions, fewer than K={k_max}")
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"rollout.tasks={r.tasks!r}: {err}") from None
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {expected}")
@@ -470,6 +490,7 @@ def validate(cfg: Config) -> None:
     except ValueError as err:
         raise ConfigError(f"rollout.strategy={r.strategy!r}: {err}") from None
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    _check_tasks(r)
     _check(d.segment_sampling in SEGMENT_SAMPLING, "dcpo.segment_sampling", d.segment_sampling,
            f"one of {SEGMENT_SAMPLING}")
     _check(d.n_seg >= 1, "dcpo.n_seg", d.n_seg, ">= 1")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memact.env.task import Task, make_tasks
+from memact.env.sources import parse_source
+from memact.env.task import Task
 from memact.util.seeds import derive_seed
 
 CURRICULUM_MODES = ("stages", "mixed")
@@ -24,11 +25,13 @@ class Curriculum:
         objectives: K when ``ks`` is empty.
         ks: K per stage (``stages``) or the K to cycle through (``mixed``).
         mode: one of :data:`CURRICULUM_MODES`.
+        source: the task source spec (``memact.env.sources``); file sources give the ``train`` split.
     """
 
     objectives: int = 2
     ks: tuple[int, ...] = field(default_factory=tuple)
     mode: str = "stages"
+    source: str = "synthetic"
 
     def __post_init__(self) -> None:
         if self.mode not in CURRICULUM_MODES:
@@ -52,7 +55,8 @@ class Curriculum:
         """
         ks = [self.k_at(step, total_steps, g, n) for g in range(n)]
         stream = ("dcpo_prompts_more", step, *draw) if draw else ("dcpo_prompts", step)
+        source = parse_source(self.source)
         if len(set(ks)) == 1:
-            return make_tasks(n, ks[0], seed=derive_seed(seed, *stream))
-        by_k = {k: iter(make_tasks(ks.count(k), k, seed=derive_seed(seed, *stream, k))) for k in set(ks)}
+            return source.tasks(n, ks[0], derive_seed(seed, *stream), split="train")
+        by_k = {k: iter(source.tasks(ks.count(k), k, derive_seed(seed, *stream, k), split="train")) for k in set(ks)}
         return [next(by_k[k]) for k in ks]

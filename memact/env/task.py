@@ -141,7 +141,23 @@ def fact_sentence(entity: str, attribute: str, value: str) -> str:
     return f"The {attribute} of {entity} is {value}."
 
 
-def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int = 3) -> Task:
+# Halves of the filler sentences: a long document recombines them (subject + predicate), so it
+# reads like more text without a word the short task does not already use.
+_FILLER_HALVES = [(s[:i], s[i:]) for s in _FILLER for i in [next(
+    m.start() for m in re.finditer(r" (was|are|closes|mention|counted|corrected|remembers|were|often|keeps) ", s))]]
+
+
+def _padding(rng: random.Random, words: int) -> list[str]:
+    """Filler sentences of about ``words`` words in all."""
+    out, n = [], 0
+    while n < words:
+        subject, predicate = rng.choice(_FILLER_HALVES)[0], rng.choice(_FILLER_HALVES)[1]
+        out.append(subject + predicate)
+        n += len(out[-1].split())
+    return out
+
+
+def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int = 3, doc_words: int = 0) -> Task:
     """A seeded task with ``k`` sub-questions.
 
     Args:
@@ -149,6 +165,9 @@ def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int
         k: number of sub-questions (objectives), >= 1.
         n_entities: entities in this task's world (default: max(6, k + 4)).
         distractors: sentences about other facts or filler placed in each document.
+        doc_words: the long-document variant (``memact.env.sources``, ``long:WORDS``): every document
+            padded with recombined filler to about this many words, its fact at a random place. The
+            world and the questions are those of the same seed without it.
     """
     if k < 1:
         raise ValueError(f"k (number of objectives) must be >= 1, got {k}")
@@ -163,6 +182,12 @@ def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int
         sentences = [fact_sentence(e, a, kb[e][a])] + rng.sample(_FILLER, distractors)
         rng.shuffle(sentences)
         documents.append(" ".join(sentences))
+    if doc_words > 0:
+        pad = random.Random(f"long-{seed}")  # its own stream: the world above is the short task's
+        for i, doc in enumerate(documents):
+            sentences = [doc, *_padding(pad, doc_words - len(doc.split()))]
+            pad.shuffle(sentences)
+            documents[i] = " ".join(sentences)
     asked = rng.sample(facts, k) if k <= len(facts) else [rng.choice(facts) for _ in range(k)]
     questions = [
         SubQuestion(
@@ -171,12 +196,15 @@ def make_task(seed: int, k: int, n_entities: int | None = None, distractors: int
         )
         for i, (e, a) in enumerate(asked)
     ]
-    return Task(task_id=f"syn-k{k}-s{seed}", questions=questions, documents=documents)
+    prefix = f"long{doc_words}" if doc_words > 0 else "syn"
+    return Task(task_id=f"{prefix}-k{k}-s{seed}", questions=questions, documents=documents,
+                source="long" if doc_words > 0 else "synthetic")
 
 
-def make_tasks(n: int, k: int, seed: int, distractors: int = 3) -> list[Task]:
+def make_tasks(n: int, k: int, seed: int, distractors: int = 3, doc_words: int = 0) -> list[Task]:
     """``n`` tasks with ``k`` objectives; task i uses the ``task`` seed stream (``memact.util.seeds``)."""
-    return [make_task(derive_seed(seed, "task", i), k, distractors=distractors) for i in range(n)]
+    return [make_task(derive_seed(seed, "task", i), k, distractors=distractors, doc_words=doc_words)
+            for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- answers

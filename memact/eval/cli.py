@@ -18,6 +18,7 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
+    from memact.env.sources import SPEC_HELP, SPLITS
 
     p = sub.add_parser(
         "eval", help="evaluate policies x memory strategies x objectives; table + plots",
@@ -32,8 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objectives", type=_ints, default=[2, 4, 6, 8], help="comma-separated K values")
     p.add_argument("--n", type=int, default=16, help="tasks per (policy, strategy, K)")
     p.add_argument("--seed", type=int, default=1000, help="task seed (held out from training seeds)")
-    p.add_argument("--data", default=None, help="synthetic (default) or hotpotqa:PATH (.json/.jsonl/.parquet)")
-    p.add_argument("--context-budget", type=int, default=DEFAULT_CONTEXT_BUDGET, help="context budget in tokens")
+    p.add_argument("--data", default=None, help=f"task source: {SPEC_HELP} (default synthetic; docs/data.md)")
+    p.add_argument("--split", default="eval", choices=SPLITS,
+                   help="a data file's questions to draw from (default eval: never in a training run's train split)")
+    p.add_argument("--context-budget", type=_ints, default=[DEFAULT_CONTEXT_BUDGET],
+                   help=f"context budget in tokens, or several comma-separated for a sweep (accuracy against "
+                   f"budget and measured context per K; default {DEFAULT_CONTEXT_BUDGET})")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="step budget")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default greedy)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest turn")
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from memact.agent.strategies import parse_strategy
     from memact.engines.base import SamplingParams
     from memact.env.memory import Budget
+    from memact.env.sources import parse_source
     from memact.eval.evaluate import EvalSpec, evaluate
     from memact.eval.report import write_report
 
@@ -57,13 +63,20 @@ def run(args: argparse.Namespace) -> int:
     strategies = [s for s in args.strategy.split(",") if s]
     for s in strategies:
         parse_strategy(s)  # fail before any work
+    try:
+        source = parse_source(args.data)
+        if source.path:
+            source.questions(args.split)  # every row read and checked now
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"memact eval: --data {args.data!r}: {err}") from None
     judge = None
     if args.judge:
         from memact.eval.judge import make_judge
 
         judge = make_judge(args.judge)
+    budgets = [Budget(b, args.max_steps) for b in sorted(set(args.context_budget))]
     spec = EvalSpec.grid(policies, strategies, args.objectives, n=args.n, seed=args.seed, data=args.data,
-                    budget=Budget(args.context_budget, args.max_steps),
+                    split=args.split, budgets=budgets,
                     sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens),
                     engine=args.engine)
     try:
@@ -71,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close_engines()
     path = write_report(summary, args.out, title="memact evaluation",
-                        preamble=f"Data: {args.data or 'synthetic'}; n={args.n} tasks per cell; "
-                        f"context budget {args.context_budget} tokens; seed {args.seed}.")
+                        preamble=f"Data: {source.spec}" + (f" ({args.split} split)" if source.path else "")
+                        + f"; n={args.n} tasks per cell; context budget "
+                        f"{', '.join(str(b.max_context_tokens) for b in budgets)} tokens; seed {args.seed}.")
     print(f"wrote {path}")
     return 0

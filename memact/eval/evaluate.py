@@ -17,7 +17,8 @@ from typing import Any
 
 from memact.engines.base import SamplingParams
 from memact.env.memory import Budget
-from memact.env.task import Task, exact_match, make_tasks, token_f1
+from memact.env.sources import parse_source
+from memact.env.task import Task, exact_match, token_f1
 from memact.trajectory import Trajectory, trajectory_stats
 from memact.util.holds import hold
 
@@ -41,8 +42,10 @@ class EvalSpec:
     objectives: list[int]
     n: int = 16
     seed: int = 0
-    data: str | None = None  # None: synthetic; "hotpotqa:PATH": a local HotpotQA-format file
+    data: str | None = None  # a task source spec (memact.env.sources); None: synthetic
+    split: str = "eval"  # a file source's split: eval | train | all
     budget: Budget | None = None
+    budgets: list[Budget] | None = None  # a sweep: every system and K at each budget (overrides budget)
     sampling: SamplingParams | None = None
     engine: str = "hf"  # what rolls out model directories: memact.engines.factory.ENGINES
 
@@ -52,23 +55,10 @@ class EvalSpec:
         return cls([System(p, s) for p in policies for s in strategies], objectives, **kw)
 
 
-_HOTPOT: dict[str, tuple[list, list[str]]] = {}  # path -> (rows, corpus): each file is loaded and indexed once
-
-
-def make_eval_tasks(data: str | None, k: int, n: int, seed: int) -> list[Task]:
-    """Synthetic tasks, or HotpotQA tasks from ``hotpotqa:PATH`` (file loaded once)."""
-    if data is None or data == "synthetic":
-        return make_tasks(n, k, seed)
-    kind, _, path = data.partition(":")
-    if kind != "hotpotqa" or not path:
-        raise ValueError(f"--data {data!r}: expected 'synthetic' or 'hotpotqa:PATH'")
-    from memact.env.hotpotqa import build_corpus, load_hotpotqa, make_hotpot_tasks
-
-    if path not in _HOTPOT:
-        rows = load_hotpotqa(path)
-        _HOTPOT[path] = (rows, build_corpus(rows))
-    rows, corpus = _HOTPOT[path]
-    return make_hotpot_tasks(rows, k, n, seed=seed, corpus=corpus)
+def make_eval_tasks(data: str | None, k: int, n: int, seed: int, split: str = "eval") -> list[Task]:
+    """The evaluation's tasks from a task source spec (``memact.env.sources``): synthetic worlds, or
+    a file's ``split`` (default ``eval``: questions a training run on the same file never sees)."""
+    return parse_source(data).tasks(n, k, seed, split=split)
 
 
 def episode_row(policy: str, strategy: str, task: Task, traj: Trajectory, judge: Judge | None = None) -> dict:
@@ -117,29 +107,31 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budget = spec.budget or Budget()
+    sweep = spec.budgets or [spec.budget or Budget()]
     sampling = spec.sampling or SamplingParams(temperature=0.0)
     summary: list[dict[str, Any]] = []
     tmp = out / "episodes.jsonl.tmp"
     # A checkpoint of a running DCPO job stays on disk until every K has run (run.keep_checkpoints).
     with hold(*(s.policy for s in spec.systems)), open(tmp, "w", encoding="utf-8") as f:
-        for system in spec.systems:
+        for system, budget in ((s, b) for s in spec.systems for b in sweep):
             name, strategy = system.name or system.policy, system.strategy
+            at = f" @ {budget.max_context_tokens}" if len(sweep) > 1 else ""
             for k in spec.objectives:
                 t0 = time.time()
-                tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed)
+                tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed, spec.split)
                 trajs = rollout(system.policy, k, spec.n, seed=spec.seed, budget=budget, sampling=sampling,
                                 progress=progress, strategy=strategy, tasks=tasks, engine=spec.engine)
-                rows = [episode_row(name, strategy, t, tr, judge) for t, tr in zip(tasks, trajs)]
+                rows = [{**episode_row(name, strategy, t, tr, judge), "context_budget": budget.max_context_tokens}
+                        for t, tr in zip(tasks, trajs)]
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
-                s = {"policy": name, "strategy": strategy, "k": k, **summarize(trajs, rows),
-                     "seconds": time.time() - t0}
+                s = {"policy": name, "strategy": strategy, "k": k, "context_budget": budget.max_context_tokens,
+                     **summarize(trajs, rows), "seconds": time.time() - t0}
                 summary.append(s)
-                log(f"{name} / {strategy} / K={k}: accuracy {s['accuracy']:.3f} | all-correct "
+                log(f"{name} / {strategy}{at} / K={k}: accuracy {s['accuracy']:.3f} | all-correct "
                     f"{s['all_correct']:.2f} | context mean {s['mean_context']:.0f} peak {s['peak_context']:.0f} "
                     f"| tokens/task {s['total_tokens']:.0f} | memory actions {s['memory_actions']:.1f} "
-                    f"| {s['seconds']:.1f}s")
+                    f"| overflow {s['overflow']:.2f} | {s['seconds']:.1f}s")
     os.replace(tmp, out / "episodes.jsonl")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -3,10 +3,11 @@
 import json
 
 import pytest
+from data_helpers import hotpot_rows
 
 from memact.agent.rollout import rollout
 from memact.cli import main
-from memact.env.hotpotqa import build_corpus, load_hotpotqa, make_hotpot_tasks
+from memact.env.sources import parse_source
 from memact.env.task import exact_match, token_f1
 from memact.eval.report import markdown_table, write_report
 
@@ -22,57 +23,10 @@ def test_exact_match_and_f1_hand_computed():
     assert token_f1("", "") == 1.0
 
 
-def _hotpot_rows(n=6):
-    rows = []
-    for i in range(n):
-        title_a, title_b = f"Town{i}", f"River{i}"
-        rows.append({
-            "_id": f"id{i}", "question": f"Which river flows through Town{i}?", "answer": f"Blue{i}",
-            "type": "bridge", "level": "easy",
-            "supporting_facts": [[title_a, 0], [title_b, 0]],
-            "context": [[title_a, [f"Town{i} lies on the river Blue{i}.", " It has a mill."]],
-                        [title_b, [f"The Blue{i} is a long river.", " It floods in spring."]]],
-        })
-    return rows
-
-
-def test_hotpotqa_loader_json_and_parquet(tmp_path):
-    rows = _hotpot_rows()
-    path = tmp_path / "hotpot.json"
-    path.write_text(json.dumps(rows))
-    loaded = load_hotpotqa(path)
-    assert [r["_id"] for r in loaded] == [f"id{i}" for i in range(6)]
-    assert loaded[0]["supporting_titles"] == ["Town0", "River0"]
-    corpus = build_corpus(loaded)
-    assert len(corpus) == 12 and corpus[0] == "Town0: Town0 lies on the river Blue0. It has a mill."
-    tasks = make_hotpot_tasks(loaded, k=3, n=4, seed=1)
-    assert all(t.k == 3 and t.documents is tasks[0].documents for t in tasks)
-    assert len({q.text for q in tasks[0].questions}) == 3
-    # The Hugging Face layout, as parquet.
-    import pandas as pd
-
-    hf_rows = [{**r, "context": {"title": [c[0] for c in r["context"]], "sentences": [c[1] for c in r["context"]]},
-                "supporting_facts": {"title": [s[0] for s in r["supporting_facts"]],
-                                     "sent_id": [s[1] for s in r["supporting_facts"]]}} for r in rows]
-    pq = tmp_path / "hotpot.parquet"
-    pd.DataFrame(hf_rows).to_parquet(pq)
-    assert build_corpus(load_hotpotqa(pq)) == corpus
-
-
-def test_hotpotqa_bad_schema(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"_id": "x", "question": "q"}]))
-    with pytest.raises(ValueError, match="missing column"):
-        load_hotpotqa(path)
-    with pytest.raises(FileNotFoundError):
-        load_hotpotqa(tmp_path / "nope.json")
-
-
 def test_scripted_expert_end_to_end_on_hotpotqa(tmp_path):
     path = tmp_path / "hotpot.json"
-    path.write_text(json.dumps(_hotpot_rows(8)))
-    rows = load_hotpotqa(path)
-    tasks = make_hotpot_tasks(rows, k=3, n=4, seed=0)
+    path.write_text(json.dumps(hotpot_rows(8)))
+    tasks = parse_source(f"hotpotqa:{path}").tasks(4, 3, seed=0)
     from memact.env.memory import Budget
 
     trajs = rollout("scripted", 3, 4, tasks=tasks, budget=Budget(4000, 40), progress=False)
@@ -138,12 +92,32 @@ def test_llm_judge_counts_equivalent_answers():
 
 def test_eval_cli_on_hotpotqa_file(tmp_path):
     path = tmp_path / "hotpot.json"
-    path.write_text(json.dumps(_hotpot_rows(8)))
+    path.write_text(json.dumps(hotpot_rows(40)))
     out = tmp_path / "ev"
     assert main(["eval", "--policy", "scripted", "--data", f"hotpotqa:{path}", "--objectives", "2,3", "--n", "2",
                  "--context-budget", "4000", "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["k"] for r in summary] == [2, 3] and all(r["accuracy"] == 1.0 for r in summary)
-    with pytest.raises(ValueError, match="hotpotqa:PATH"):
+    with pytest.raises(SystemExit, match="hotpotqa:PATH"):
         main(["eval", "--policy", "scripted", "--data", "squad:x", "--objectives", "2", "--n", "1",
               "--out", str(out), "--quiet"])
+
+
+def test_budget_sweep_in_one_command(tmp_path):
+    """Several budgets at once: a row per (system, K, budget), the sweep table and both plots; the
+    agent without memory stops fitting where the one with memory still does."""
+    out = tmp_path / "sweep"
+    assert main(["eval", "--policy", "scripted", "--strategy", "memact,full", "--data", "long:100",
+                 "--objectives", "2,4", "--n", "3", "--context-budget", "4000,1600", "--out", str(out),
+                 "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cells = {(r["strategy"], r["k"], r["context_budget"]): r for r in summary}
+    assert len(cells) == len(summary) == 8
+    assert all(cells[("memact", k, b)]["accuracy"] == 1.0 for k in (2, 4) for b in (1600, 4000))
+    assert cells[("full", 4, 4000)]["accuracy"] == 1.0 and cells[("full", 4, 1600)]["overflow"] == 1.0
+    assert cells[("full", 4, 4000)]["peak_context"] > 1600 > cells[("memact", 4, 1600)]["peak_context"]
+    report = (out / "REPORT.md").read_text()
+    assert "## Accuracy against the context budget" in report and "scripted [full] @ 1600" in report
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 0 and (out / "accuracy_vs_context.png").exists()
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert {e["context_budget"] for e in episodes} == {1600, 4000}
