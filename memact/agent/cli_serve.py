@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     server = build_server(args)
     host, port = server.server_address[:2]
-    print(f"serving {server.RequestHandlerClass.backend.model_name!r} on http://{host}:{port}/v1 "
+    print(f"serving {server.backend.model_name!r} on http://{host}:{port}/v1 "
           f"(OPENAI_BASE_URL=http://{host}:{port}/v1); Ctrl-C or SIGTERM stops", file=sys.stderr)
     try:
         server.serve_forever()
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
-        server.RequestHandlerClass.backend.close()
+        server.backend.close()
     print("stopped", file=sys.stderr)
     return 0
 

@@ -162,7 +162,7 @@ def test_serve_cli_tiny_model_renders_tools_and_counts_usage(tiny_model_dir, tok
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", str(tiny_model_dir), "--port", "0", "--served-model-name", "tiny"])
     server = build_server(args)
-    backend = server.RequestHandlerClass.backend
+    backend = server.backend
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
