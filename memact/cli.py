@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     ("memact.warmup.cli", "pretrain: in-context recall warm-up before SFT"),
     ("memact.agent.cli_rollout", "rollout: run episodes and write trajectories with DCPO segments"),
     ("memact.agent.cli_serve", "serve: OpenAI-compatible chat server over a model directory"),
+    ("memact.agent.cli_retrieval", "index / retrieval-serve: a corpus search index and its HTTP server"),
     ("memact.dcpo.cli_train", "sft / train: SFT cold start and DCPO on DeepSpeed"),
     ("memact.eval.cli", "eval: accuracy against context length for policies and memory strategies"),
     ("memact.demo", "demo: the whole pipeline on a tiny CPU model, leaving a report"),

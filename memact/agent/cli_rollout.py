@@ -10,7 +10,7 @@ import time
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
-    from memact.env.sources import SPEC_HELP, SPLITS
+    from memact.env.sources import RETRIEVAL_HELP, SPEC_HELP, SPLITS
 
     p = sub.add_parser(
         "rollout", help="run episodes of a policy and write trajectories with their DCPO segments",
@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=16, help="number of episodes")
     p.add_argument("--seed", type=int, default=0, help="task and record-id seed")
     p.add_argument("--data", default=None, help=f"task source: {SPEC_HELP} (default synthetic; docs/data.md)")
+    p.add_argument("--retrieval", default="task",
+                   help=f"what search queries for a data file: {RETRIEVAL_HELP} (default task: bm25s over the file's "
+                   "documents; docs/data.md)")
     p.add_argument("--split", default="train", choices=SPLITS,
                    help="a data file's questions to draw from (default train; `memact eval` uses eval)")
     p.add_argument("--out", required=True, help="output JSONL file")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.objectives < 1 or args.n < 1:
         raise SystemExit("--objectives and --n must be >= 1")
     try:
-        tasks = parse_source(args.data).tasks(args.n, args.objectives, args.seed, split=args.split)
+        tasks = parse_source(args.data, args.retrieval).tasks(args.n, args.objectives, args.seed, split=args.split)
     except (ValueError, OSError) as err:
         raise SystemExit(f"memact rollout: --data {args.data!r}: {err}") from None
     t0 = time.time()

@@ -92,6 +92,7 @@ class Episode:
         self.calls[-1].kind = result.kind
         if result.done:
             self.done = True
+            self.error = self.error or self.env.failure
             return result
         record = self.env.memory.get(result.record_id)
         record.ids = self.renderer.record_ids(gen.output_ids, result.response_text)

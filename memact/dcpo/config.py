@@ -190,6 +190,10 @@ class RolloutConfig:
     """Where the prompts come from (``memact.env.sources``, docs/data.md): ``synthetic``,
     ``long[:WORDS]`` (documents padded to retrieved-passage length), ``hotpotqa:PATH`` or
     ``qa:PATH`` (a file's ``train`` split: `memact eval` uses its ``eval`` split)."""
+    retrieval: str = "task"
+    """What a file source's ``search`` queries (``memact.env.retrieval``): ``task`` (bm25s over the
+    file's own documents), ``index:DIR`` (a corpus index from `memact index`) or ``http:URL`` (a
+    Search-R1-format retrieval server)."""
     objectives: int = 2
     """Sub-questions per task (K) when ``curriculum`` is empty."""
     curriculum: list[int] = field(default_factory=list)
@@ -437,14 +441,14 @@ def _check_tasks(r: RolloutConfig) -> None:
     from memact.env.sources import parse_source
 
     try:
-        source = parse_source(r.tasks)
+        source = parse_source(r.tasks, r.retrieval)
         if source.path:
             k_max = max([r.objectives, *r.curriculum])
             n = len(source.questions("train"))
             if n < k_max:
                 raise ValueError(f"its train split has {n} questions, fewer than K={k_max}")
     except (ValueError, OSError) as err:
-        raise ConfigError(f"rollout.tasks={r.tasks!r}: {err}") from None
+        raise ConfigError(f"rollout.tasks={r.tasks!r}, rollout.retrieval={r.retrieval!r}: {err}") from None
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

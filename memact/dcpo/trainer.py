@@ -134,7 +134,7 @@ class Rollout:
                                        max_new_tokens=rc.max_new_tokens)
         self.budget = Budget(rc.context_budget, rc.max_steps)
         self.strategy = parse_strategy(rc.strategy)
-        self.curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode, rc.tasks)
+        self.curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode, rc.tasks, rc.retrieval)
         self.progress = progress
         self.weights_step: int | None = None
 
@@ -206,7 +206,7 @@ def sample_prompts(rc: RolloutConfig, seed: int, step: int, dist: DistInfo,
 
     Prompt g of the step goes to rank g % world_size; group ids are the step-wide prompt index.
     """
-    curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode, rc.tasks)
+    curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode, rc.tasks, rc.retrieval)
     prompts = curriculum.prompts(seed, step, rc.prompts_per_step, total_steps)
     mine = [g for g in range(rc.prompts_per_step) if g % dist.world_size == dist.rank]
     tasks = [prompts[g] for g in mine for _ in range(rc.n_traj)]
@@ -283,7 +283,7 @@ def _draw_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_groups:
             break
         rate = max((out.groups_drawn - out.groups_uniform) / out.groups_drawn, 0.25)
         n = min(rc.prompts_per_step, math.ceil(missing / rate))
-        curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode, rc.tasks)
+        curriculum = Curriculum(rc.objectives, tuple(rc.curriculum), rc.curriculum_mode, rc.tasks, rc.retrieval)
         prompts = curriculum.prompts(seed, step, n, cfg.run.steps, draw=(rnd, group))
         more_ids = [rc.prompts_per_step * (rnd * n_groups + group) + i for i in range(n) for _ in range(rc.n_traj)]
         more = rollout.run([p for p in prompts for _ in range(rc.n_traj)], more_ids,

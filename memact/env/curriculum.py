@@ -26,12 +26,14 @@ class Curriculum:
         ks: K per stage (``stages``) or the K to cycle through (``mixed``).
         mode: one of :data:`CURRICULUM_MODES`.
         source: the task source spec (``memact.env.sources``); file sources give the ``train`` split.
+        retrieval: the tasks' search backend (``memact.env.retrieval``).
     """
 
     objectives: int = 2
     ks: tuple[int, ...] = field(default_factory=tuple)
     mode: str = "stages"
     source: str = "synthetic"
+    retrieval: str = "task"
 
     def __post_init__(self) -> None:
         if self.mode not in CURRICULUM_MODES:
@@ -55,7 +57,7 @@ class Curriculum:
         """
         ks = [self.k_at(step, total_steps, g, n) for g in range(n)]
         stream = ("dcpo_prompts_more", step, *draw) if draw else ("dcpo_prompts", step)
-        source = parse_source(self.source)
+        source = parse_source(self.source, self.retrieval)
         if len(set(ks)) == 1:
             return source.tasks(n, ks[0], derive_seed(seed, *stream), split="train")
         by_k = {k: iter(source.tasks(ks.count(k), k, derive_seed(seed, *stream, k), split="train")) for k in set(ks)}

@@ -20,6 +20,7 @@ field, and nothing is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import zlib
@@ -34,6 +35,7 @@ SPLITS = ("train", "eval", "all")
 EVAL_PERCENT = 20
 """Share of a file's questions (by id hash) in the ``eval`` split."""
 SPEC_HELP = "synthetic | long[:WORDS] | hotpotqa:PATH | qa:PATH"
+RETRIEVAL_HELP = "task | index:DIR | http:URL"  # memact.env.retrieval
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ class TaskSource:
     path: str = ""
     doc_words: int = 0  # long: words a document
     eval_percent: int = EVAL_PERCENT
+    retrieval: str = "task"  # what the tasks' search queries (memact.env.retrieval)
 
     @property
     def spec(self) -> str:
@@ -265,11 +268,29 @@ class TaskSource:
             return make_tasks(n, k, seed, doc_words=self.doc_words)
         rows = self.questions(split)
         corpus = self._file()[1]
-        return join_questions(rows, k, n, seed, corpus, self.kind, f"{self.kind}-{split}")
+        tasks = join_questions(rows, k, n, seed, corpus, self.kind, f"{self.kind}-{split}")
+        for t in tasks:
+            t.retrieval = self.retrieval
+        return tasks
 
 
-def parse_source(spec: str | None) -> TaskSource:
-    """A :class:`TaskSource` from a spec string (:data:`SPEC_HELP`); None is ``synthetic``."""
+def parse_source(spec: str | None, retrieval: str | None = None) -> TaskSource:
+    """A :class:`TaskSource` from a spec string (:data:`SPEC_HELP`); None is ``synthetic``.
+    ``retrieval`` (``memact.env.retrieval``, default ``task``) applies to file sources: a synthetic
+    world is searched only through its own documents."""
+    from memact.env.retrieval import check_retrieval
+
+    retrieval = check_retrieval(retrieval)
+    source = _parse(spec)
+    if retrieval != "task":
+        if not source.path:
+            raise ValueError(f"retrieval {retrieval!r} needs a data file source (hotpotqa:PATH or qa:PATH); "
+                             f"{source.spec!r} tasks are searched through their own documents")
+        source = dataclasses.replace(source, retrieval=retrieval)
+    return source
+
+
+def _parse(spec: str | None) -> TaskSource:
     spec = (spec or "synthetic").strip()
     kind, sep, arg = spec.partition(":")
     if kind == "synthetic" and not sep:

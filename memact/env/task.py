@@ -107,6 +107,9 @@ class Task:
     questions: list[SubQuestion]
     documents: list[str]
     source: str = "synthetic"
+    retrieval: str = "task"
+    """What ``search`` queries (``memact.env.retrieval``): ``task`` (bm25s over ``documents``),
+    ``index:DIR`` or ``http:URL``."""
 
     @property
     def k(self) -> int:

@@ -133,16 +133,21 @@ class AgentEnv:
         self.budget = budget or Budget()
         self.new_id = IdSource(seed)
         self.memory = WorkingMemory(head_id=self.new_id())
-        self._search_index: BM25Search | None = None
+        self._search_index: Any = None
+        self.failure: str | None = None
+        """Why the episode could not go on through no fault of the agent (a retrieval server down)."""
         self.answer: dict[str, str] | None = None
         self.correct: list[bool] = []
         self.memory_actions = 0
         self.invalid_actions = 0
 
     @property
-    def search(self) -> BM25Search:
+    def search(self) -> Any:
+        """The task's retrieval backend, ``search(query, topk) -> documents`` (``memact.env.retrieval``)."""
         if self._search_index is None:  # built on first use: indexing costs more than the episode setup
-            self._search_index = shared_index(self.task.documents)
+            from memact.env.retrieval import get_retriever
+
+            self._search_index = get_retriever(self.task.retrieval, self.task.documents)
         return self._search_index
 
     @property
@@ -189,7 +194,13 @@ class AgentEnv:
         topk = args.get("topk", self.search.default_topk)
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
             return self._error(f"topk must be an integer from 1 to {MAX_TOPK}, got {topk!r}", assistant_text)
-        docs = self.search(query, topk)
+        from memact.env.retrieval import RetrievalError
+
+        try:
+            docs = self.search(query, topk)
+        except RetrievalError as err:  # not the agent's doing: the episode ends marked, the run goes on
+            self.failure = f"search failed: {err}"
+            return StepResult(None, kind="error", done=True)
         return self._append(search_result_text(docs), assistant_text, "tool", tool="search", query=query, topk=topk)
 
     def _prune(self, args: dict[str, Any], assistant_text: str) -> StepResult:

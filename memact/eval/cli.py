@@ -18,7 +18,7 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
-    from memact.env.sources import SPEC_HELP, SPLITS
+    from memact.env.sources import RETRIEVAL_HELP, SPEC_HELP, SPLITS
 
     p = sub.add_parser(
         "eval", help="evaluate policies x memory strategies x objectives; table + plots",
@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=16, help="tasks per (policy, strategy, K)")
     p.add_argument("--seed", type=int, default=1000, help="task seed (held out from training seeds)")
     p.add_argument("--data", default=None, help=f"task source: {SPEC_HELP} (default synthetic; docs/data.md)")
+    p.add_argument("--retrieval", default="task",
+                   help=f"what search queries for a data file: {RETRIEVAL_HELP} (default task: bm25s over the file's "
+                   "documents; docs/data.md)")
     p.add_argument("--split", default="eval", choices=SPLITS,
                    help="a data file's questions to draw from (default eval: never in a training run's train split)")
     p.add_argument("--context-budget", type=_ints, default=[DEFAULT_CONTEXT_BUDGET],
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     for s in strategies:
         parse_strategy(s)  # fail before any work
     try:
-        source = parse_source(args.data)
+        source = parse_source(args.data, args.retrieval)
         if source.path:
             source.questions(args.split)  # every row read and checked now
     except (ValueError, OSError) as err:
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         judge = make_judge(args.judge)
     budgets = [Budget(b, args.max_steps) for b in sorted(set(args.context_budget))]
     spec = EvalSpec.grid(policies, strategies, args.objectives, n=args.n, seed=args.seed, data=args.data,
+                    retrieval=args.retrieval,
                     split=args.split, budgets=budgets,
                     sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens),
                     engine=args.engine)

@@ -44,6 +44,7 @@ class EvalSpec:
     seed: int = 0
     data: str | None = None  # a task source spec (memact.env.sources); None: synthetic
     split: str = "eval"  # a file source's split: eval | train | all
+    retrieval: str = "task"  # a file source's search backend (memact.env.retrieval)
     budget: Budget | None = None
     budgets: list[Budget] | None = None  # a sweep: every system and K at each budget (overrides budget)
     sampling: SamplingParams | None = None
@@ -55,10 +56,11 @@ class EvalSpec:
         return cls([System(p, s) for p in policies for s in strategies], objectives, **kw)
 
 
-def make_eval_tasks(data: str | None, k: int, n: int, seed: int, split: str = "eval") -> list[Task]:
+def make_eval_tasks(data: str | None, k: int, n: int, seed: int, split: str = "eval",
+                    retrieval: str = "task") -> list[Task]:
     """The evaluation's tasks from a task source spec (``memact.env.sources``): synthetic worlds, or
     a file's ``split`` (default ``eval``: questions a training run on the same file never sees)."""
-    return parse_source(data).tasks(n, k, seed, split=split)
+    return parse_source(data, retrieval).tasks(n, k, seed, split=split)
 
 
 def episode_row(policy: str, strategy: str, task: Task, traj: Trajectory, judge: Judge | None = None) -> dict:
@@ -118,7 +120,7 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike, judge: Judge | None = N
             at = f" @ {budget.max_context_tokens}" if len(sweep) > 1 else ""
             for k in spec.objectives:
                 t0 = time.time()
-                tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed, spec.split)
+                tasks = make_eval_tasks(spec.data, k, spec.n, spec.seed, spec.split, spec.retrieval)
                 trajs = rollout(system.policy, k, spec.n, seed=spec.seed, budget=budget, sampling=sampling,
                                 progress=progress, strategy=strategy, tasks=tasks, engine=spec.engine)
                 rows = [{**episode_row(name, strategy, t, tr, judge), "context_budget": budget.max_context_tokens}

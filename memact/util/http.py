@@ -92,6 +92,8 @@ class ChatClient:
     max_retries: int = 4
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
+    path: str = "/chat/completions"
+    """The endpoint under ``base_url`` (the retrieval client posts to ``/retrieve`` the same way)."""
 
     @classmethod
     def from_env(cls, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> ChatClient:
@@ -101,7 +103,7 @@ class ChatClient:
 
     @property
     def url(self) -> str:
-        return f"{self.base_url.rstrip('/')}/chat/completions"
+        return f"{self.base_url.rstrip('/')}{self.path}"
 
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` with retries; the reply as a dict, else raises :class:`ChatClientError`."""
