@@ -53,12 +53,13 @@ def train_run(args: argparse.Namespace, seed: int, control: str) -> Path:
 
 
 def eval_run(args: argparse.Namespace, policy: Path | str, name: str) -> Path:
+    name = f"{name}_t{args.eval_temperature:g}" if args.eval_temperature else name
     out = Path(args.out) / f"eval_{name}"
     if (out / "episodes.jsonl").exists():
         return out / "episodes.jsonl"
     cmd = [str(BIN / "memact"), "eval", "--policy", str(policy), "--strategy", args.eval_strategy,
            "--objectives", args.eval_k, "--n",
-           str(args.eval_n), "--seed", str(args.eval_seed), "--max-steps", str(args.eval_max_steps), "--quiet",
+           str(args.eval_n), "--seed", str(args.eval_seed), "--max-steps", str(args.eval_max_steps), "--temperature", str(args.eval_temperature), "--quiet",
            "--out", str(out)]
     _run(cmd, Path(args.out) / f"eval_{name}.log")
     return out / "episodes.jsonl"
@@ -122,6 +123,8 @@ def main() -> int:
     p.add_argument("--eval-strategy", default="memact", help="memact eval --strategy (as the runs' rollout.strategy)")
     p.add_argument("--eval-seed", type=int, default=20_000)
     p.add_argument("--eval-max-steps", type=int, default=20)
+    p.add_argument("--eval-temperature", type=float, default=0.0,
+                   help="evaluation temperature (default 0, greedy; a run again with another reuses the trained runs)")
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
     args.overrides = overrides
@@ -158,7 +161,8 @@ def main() -> int:
     lines = [
         "# DCPO against its controls", "",
         f"Start: `{args.init}`. Train overrides: `{' '.join(overrides) or '(none)'}`. Evaluation: "
-        f"{args.eval_n} held-out tasks per K (K = {args.eval_k}, seed {args.eval_seed}), greedy, the same tasks "
+        f"{args.eval_n} held-out tasks per K (K = {args.eval_k}, seed {args.eval_seed}), "
+        f"{'greedy' if not args.eval_temperature else f'sampled at temperature {args.eval_temperature:g}'}, the same tasks "
         "for every row; the change is paired task by task against the start, +- its standard error over the "
         "tasks (the evaluation's own noise).", "",
         "| run | seed | accuracy | " + " | ".join(f"K={k}" for k in ks)
@@ -185,8 +189,9 @@ def main() -> int:
         lines.append(f"| {c} | {len(rs)} | {mean(dr):+.3f} ({sd(dr):.3f}) | {mean(da):+.3f} ({sd(da):.3f}) | "
                      f"{'yes' if all(x > 0 for x in da) else 'no'} | {mean([r['se_accuracy'] for r in rs]):.3f} |")
     lines += ["", f"![sampled reward per step]({curves(out, results)})", ""]
-    (out / "REPORT.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"start": {"accuracy": s_acc, "reward": s_rew}, "runs": results},
+    suffix = f"_t{args.eval_temperature:g}" if args.eval_temperature else ""
+    (out / f"REPORT{suffix}.md").write_text("\n".join(lines))
+    (out / f"results{suffix}.json").write_text(json.dumps({"start": {"accuracy": s_acc, "reward": s_rew}, "runs": results},
                                                  indent=1))
     print("\n".join(lines))
     return 0
