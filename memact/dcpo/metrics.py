@@ -241,6 +241,7 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "tis_tokens": stats.tis_tokens,
         "seq_trained_tokens": sum(s.n_trained for s in seqs),
         **(drawn or {"groups_drawn": len(set(s.group for s in seqs)), "groups_uniform": 0, "groups_dropped": 0,
+                     "groups_failed": 0,
                      "draws_max": 1, "prompt_prefilled": 0, "prompt_reused": 0, "drawn_reward": [t.reward for t in trajs],
                      "drawn_gen_tokens": sum(len(c.output_ids) for t in trajs for c in t.calls)}),
     }
@@ -278,6 +279,7 @@ def step_metrics(step: int, trajs: list[Trajectory], traj_adv: torch.Tensor, seg
         "groups_drawn": a["groups_drawn"],
         "groups_uniform_frac": a["groups_uniform"] / max(a["groups_drawn"], 1),
         "groups_dropped_frac": a["groups_dropped"] / max(a["groups_drawn"], 1),
+        "groups_failed_frac": a["groups_failed"] / max(a["groups_drawn"], 1),
         "rollout_draws": a["draws_max"],
         "prompt_reused_frac": a["prompt_reused"] / max(a["prompt_reused"] + a["prompt_prefilled"], 1),
         "context_mean": traj["context_mean"],

@@ -231,9 +231,12 @@ class Drawn:
     """Prompt tokens the engine computed over the step's rollouts."""
     prompt_reused: int = 0
     """Prompt tokens whose KV the engine kept from the episode's previous turn."""
+    groups_failed: int = 0
+    """Groups left out because an episode of theirs failed (:func:`failed_groups`)."""
 
     def summary(self) -> dict[str, Any]:
         return {"groups_drawn": self.groups_drawn, "groups_uniform": self.groups_uniform,
+                "groups_failed": self.groups_failed,
                 "groups_dropped": self.groups_dropped, "draws_max": self.rounds,
                 "prompt_prefilled": self.prompt_prefilled, "prompt_reused": self.prompt_reused,
                 "drawn_reward": [t.reward for t in self.all_trajs],
@@ -246,6 +249,12 @@ def uniform_groups(trajs: list[Trajectory], groups: list[int]) -> set[int]:
     for t, g in zip(trajs, groups):
         rewards.setdefault(g, set()).add(t.reward)
     return {g for g, r in rewards.items() if len(r) == 1}
+
+
+def failed_groups(trajs: list[Trajectory], groups: list[int]) -> set[int]:
+    """The groups with an episode that failed through no fault of the policy (``Trajectory.error``:
+    a retrieval server down, an engine error): their rewards say nothing about the policy."""
+    return {g for t, g in zip(trajs, groups) if t.error is not None}
 
 
 def collect_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_groups: int) -> Drawn:
@@ -270,10 +279,15 @@ def _draw_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_groups:
     rc, seed = cfg.rollout, cfg.run.seed
     tasks, ids = sample_prompts(rc, seed, step, DistInfo(group, n_groups, 0), cfg.run.steps)
     trajs = rollout.run(tasks, ids, step_seed(seed, step, group), step)
-    uniform = uniform_groups(trajs, ids)
+    failed = failed_groups(trajs, ids)
+    uniform = uniform_groups(trajs, ids) | failed
     quota = len(set(ids))
-    out = Drawn(trajs, ids, list(trajs), quota, len(uniform), 0, 1)
+    out = Drawn(trajs, ids, list(trajs), quota, len(uniform), 0, 1, groups_failed=len(failed))
+    if failed and not rc.dynamic_sampling and len(failed) < quota:
+        out.trajs = [t for t, g in zip(trajs, ids) if g not in failed]
+        out.groups = [g for g in ids if g not in failed]
     if not rc.dynamic_sampling or not uniform:
+        out.groups_dropped = out.groups_drawn - len(set(out.groups))
         return out
     keep_t = [t for t, g in zip(trajs, ids) if g not in uniform]
     keep_g = [g for g in ids if g not in uniform]
@@ -288,7 +302,9 @@ def _draw_groups(rollout: Rollout, cfg: Config, step: int, group: int, n_groups:
         more_ids = [rc.prompts_per_step * (rnd * n_groups + group) + i for i in range(n) for _ in range(rc.n_traj)]
         more = rollout.run([p for p in prompts for _ in range(rc.n_traj)], more_ids,
                            derive_seed(seed, "dcpo_episodes_more", step, rnd, group), step)
-        more_uniform = uniform_groups(more, more_ids)
+        more_failed = failed_groups(more, more_ids)
+        out.groups_failed += len(more_failed)
+        more_uniform = uniform_groups(more, more_ids) | more_failed
         out.all_trajs += more
         out.groups_drawn += n
         out.groups_uniform += len(more_uniform)

@@ -80,7 +80,22 @@ class FakeRollout:
         out = []
         for i, t in enumerate(tasks):
             signal = zlib.crc32(t.task_id.encode()) % 10 < self.cut
-            out.append(SimpleNamespace(reward=float(i % 2) if signal else -0.1, calls=[]))
+            out.append(SimpleNamespace(reward=float(i % 2) if signal else -0.1, calls=[], error=None))
+        return out
+
+
+class FailingRollout(FakeRollout):
+    """Every group has signal, but one episode of each group in ``failing`` failed (a search server down)."""
+
+    def __init__(self, failing):
+        super().__init__(10)
+        self.failing = set(failing)
+
+    def run(self, tasks, groups, seed, step):
+        out = super().run(tasks, groups, seed, step)
+        for t, g in zip(out, groups):
+            if g in self.failing and t.reward == 0.0:
+                t.error, t.reward = "search failed: POST http://127.0.0.1:1/retrieve: ...", -0.1
         return out
 
 
@@ -108,6 +123,18 @@ def test_dynamic_sampling_off_or_without_signal_trains_the_first_draw():
     none = collect_groups(fake, _cfg("rollout.dynamic_sampling=true", "rollout.max_draws=3"), 3, 0, 1)
     assert none.groups == off.groups and none.rounds == 3 and len(fake.calls) == 3
     assert none.groups_uniform == none.groups_drawn and none.groups_dropped == none.groups_drawn - 8
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_groups_with_a_failed_episode_are_not_trained(dynamic):
+    """Its reward says nothing about the policy: with dynamic sampling others replace it, without
+    it the step trains the rest; either way it is counted."""
+    cfg = _cfg(*(["rollout.dynamic_sampling=true", "rollout.max_draws=4"] if dynamic else []))
+    drawn = collect_groups(FailingRollout({1, 4}), cfg, step=3, group=0, n_groups=1)
+    assert all(t.error is None for t in drawn.trajs) and not {1, 4} & set(drawn.groups)
+    assert drawn.groups_failed >= 2 and len(set(drawn.groups)) == (8 if dynamic else 6)
+    everything = collect_groups(FailingRollout(range(8)), _cfg(), step=3, group=0, n_groups=1)
+    assert len(set(everything.groups)) == 8  # nothing else to train: the step is kept (advantages 0 or not)
 
 
 def test_further_draws_are_other_tasks_of_the_same_k():
