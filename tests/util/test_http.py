@@ -1,4 +1,5 @@
-"""The one chat-completions client (memact.util.http) against a scripted server on loopback.
+"""The chat-completions clients (memact.util.http: the standard-library ChatClient and the
+OpenAIChatClient on the openai SDK, each test run with both) against a scripted server on loopback.
 
 The server runs in a thread on 127.0.0.1 with a free port and is stopped at the end of each
 test; every client has a short timeout, at most 3 attempts and millisecond backoffs.
@@ -17,6 +18,7 @@ from memact.util.http import (
     RETRY_STATUSES,
     ChatClient,
     ChatClientError,
+    OpenAIChatClient,
     _retry_after,
     message_text,
     openai_env,
@@ -25,6 +27,17 @@ from memact.util.http import (
 OK = {"choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
       "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+CLIENT = {"cls": ChatClient}
+
+
+@pytest.fixture(autouse=True, params=["stdlib", "openai-sdk"])
+def client_kind(request):
+    """Every test with both clients: one retry rule, one set of failure messages."""
+    CLIENT["cls"] = ChatClient if request.param == "stdlib" else OpenAIChatClient
+    yield request.param
+    CLIENT["cls"] = ChatClient
 
 
 def _json(status, obj, headers=None):
@@ -60,7 +73,7 @@ class Scripted:
         self.thread.start()
 
     def client(self, **kwargs):
-        return ChatClient(self.base_url, **{"timeout_s": 10, "max_retries": 2, "backoff_s": 0.001,
+        return CLIENT["cls"](self.base_url, **{"timeout_s": 10, "max_retries": 2, "backoff_s": 0.001,
                                             "max_backoff_s": 0.01, **kwargs})
 
     def __enter__(self):
@@ -174,14 +187,17 @@ def test_timeout_is_retried():
     assert calls["n"] == 2
 
 
-def test_bearer_header_only_when_a_key_is_set():
+def test_bearer_header_only_when_a_key_is_set(client_kind):
     with Scripted([_json(200, OK)] * 3) as srv:
         srv.client(api_key="sk-test").post(BODY)
         srv.client(api_key=None).post(BODY)
         srv.client(api_key="").post(BODY)
     headers = [{k.lower(): v for k, v in r[1].items()} for r in srv.requests]
     assert headers[0]["authorization"] == "Bearer sk-test"
-    assert "authorization" not in headers[1] and "authorization" not in headers[2]
+    if client_kind == "stdlib":
+        assert "authorization" not in headers[1] and "authorization" not in headers[2]
+    else:  # the SDK always sends a key: the placeholder vLLM's docs use for servers without auth
+        assert headers[1]["authorization"] == headers[2]["authorization"] == "Bearer EMPTY"
     assert all(h["content-type"] == "application/json" for h in headers)
 
 
