@@ -3,11 +3,13 @@
 The shipped warm-up (``memact/assets/tiny_warm``: the tiny model after ``memact pretrain``,
 which the demo's time cannot afford) -> scripted trajectories -> two SFTs side by side on the
 two cores: one without memory (K=1, the skill this time can teach) and one with memory
-actions (K=1 and 2) -> DCPO from the no-memory policy at K = 1 and 2, with dynamic sampling and the
-gradient signal-to-noise ratio logged -> evaluation of every policy, of the untrained start
-and of the scripted experts on the same held-out tasks -> ``OUT/REPORT.md``: the table, the
-learned rows against their start (paired, task by task), the DCPO reward curve and stage
-times. The memory policy does not learn to prune in this time (docs/reproduce.md: hours of
+actions (K=1 and 2) -> DCPO from the no-memory policy at K=1, with dynamic sampling and the
+gradient signal-to-noise ratio logged, and beside it the same run with its advantages shuffled
+within each group (``dcpo.control=shuffle``: an update of the same size without signal) ->
+evaluation of every policy, of the untrained start and of the scripted experts on the same
+held-out tasks, greedy, and of the DCPO policies also sampled at the training temperature ->
+``OUT/REPORT.md``: the table, the learned rows against their start (paired, task by task), the
+DCPO reward curves against the control's and stage times. The memory policy does not learn to prune in this time (docs/reproduce.md: hours of
 one core); the report says so.
 """
 
@@ -42,12 +44,14 @@ class DemoPreset:
     dcpo_steps: int = 8
     dcpo_prompts: int = 8
     dcpo_n_traj: int = 8
-    dcpo_overrides: tuple[str, ...] = ("rollout.curriculum=[1,2]", "rollout.curriculum_mode=mixed",
-                                       "rollout.strategy=full", "rollout.max_steps=6", "rollout.temperature=1.0",
-                                       "optim.lr=3e-4", "rollout.dynamic_sampling=true", "logging.grad_snr=true")
-    """K = 1 and 2 in every step, without the memory tool: the no-memory SFT (K=1 only) leaves groups
-    with both outcomes there. lr 3e-4: at 1e-4 eight steps changed no greedy answer (docs/training.md,
-    "Controls")."""
+    dcpo_overrides: tuple[str, ...] = ("rollout.objectives=1", "rollout.strategy=full", "rollout.max_steps=4",
+                                       "rollout.temperature=1.0", "optim.lr=3e-4", "rollout.dynamic_sampling=true",
+                                       "logging.grad_snr=true")
+    """K=1 without the memory tool: sampled at temperature 1 the no-memory SFT answers about 0.87 of
+    these tasks, so groups hold both outcomes (at K=2 it answers none: no group has signal).
+    lr 3e-4: at 1e-4 eight steps changed no greedy answer (docs/training.md, "Controls")."""
+    control: bool = True
+    """Run the shuffled-advantage control beside DCPO (the other core)."""
     eval_objectives: tuple[int, ...] = (1, 2)
     eval_n: int = 48
     eval_max_steps: int = 12
@@ -57,7 +61,8 @@ class DemoPreset:
 PRESETS = {
     "quick": DemoPreset(),
     "smoke": DemoPreset(nomem_tasks={1: 16}, mem_tasks={1: 8}, nomem_epochs=1, mem_epochs=1, dcpo_steps=1,
-                        dcpo_prompts=2, dcpo_n_traj=2, eval_objectives=(1,), eval_n=2, eval_max_steps=4),
+                        dcpo_prompts=2, dcpo_n_traj=2, eval_objectives=(1,), eval_n=2, eval_max_steps=4,
+                        control=True),
 }
 
 
@@ -119,7 +124,7 @@ def _sft(base: Path, data: Path, out: Path, epochs: int, seed: int, overrides: t
     return sft(cfg)
 
 
-def _dcpo(init: Path, out: Path, preset: DemoPreset, seed: int) -> Path:
+def _dcpo(init: Path, out: Path, preset: DemoPreset, seed: int, control: str = "none") -> Path:
     from memact.dcpo.config import configs_dir, load_config
     from memact.dcpo.trainer import train
 
@@ -127,13 +132,28 @@ def _dcpo(init: Path, out: Path, preset: DemoPreset, seed: int) -> Path:
     cfg = load_config(configs_dir() / "tiny_cpu_dcpo.yaml", [
         f"model.path={init}", f"run.out_dir={out}", f"run.steps={preset.dcpo_steps}", f"run.seed={seed}",
         f"rollout.prompts_per_step={preset.dcpo_prompts}", f"rollout.n_traj={preset.dcpo_n_traj}",
-        "logging.progress=false", "logging.table_every=0", *preset.dcpo_overrides,
+        "logging.progress=false", "logging.table_every=0", f"dcpo.control={control}", *preset.dcpo_overrides,
     ])
     run_dir = train(cfg)
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
     if not ckpts:
         raise RuntimeError(f"DCPO run {run_dir} left no checkpoint")
     return ckpts[-1]
+
+
+def _curve_line(label: str, rows: list[dict]) -> str:
+    """The sampled reward per step of a DCPO run, its halves, dropped groups and gradient SNR."""
+    if not rows:
+        return f"{label}: no steps logged."
+    half = max(len(rows) // 2, 1)
+    early = sum(r["rollout_reward_mean"] for r in rows[:half]) / half
+    late = sum(r["rollout_reward_mean"] for r in rows[half:]) / max(len(rows) - half, 1)
+    snr = ", ".join(f"{r['grad_snr']:.2f}" for r in rows if "grad_snr" in r)
+    dropped = sum(r["groups_dropped_frac"] for r in rows) / len(rows)
+    per_step = ", ".join(f"{r['rollout_reward_mean']:.3f}" for r in rows)
+    return (f"{label}: sampled reward over all rollouts per step {per_step} (first half {early:.3f}, second "
+            f"half {late:.3f}); KL to the start at the end {rows[-1]['kl']:.3f}; groups dropped {dropped:.0%} on "
+            f"average; gradient signal-to-noise ratio per step {snr or '-'} (about 0 is noise).")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -152,13 +172,12 @@ def _plot_training(out: Path) -> list[str]:
         ys = [r["loss"] for r in _rows(out / rel) if "loss" in r]
         if ys:
             axes[0].plot(range(1, len(ys) + 1), ys, label=label, alpha=0.8)
-    rows = _rows(out / "dcpo" / "metrics.jsonl")
-    if rows:
-        axes[1].plot([r["step"] for r in rows], [r["rollout_reward_mean"] for r in rows], marker=".",
-                     label="sampled reward (all rollouts)")
-        axes[1].plot([r["step"] for r in rows], [r["accuracy"] for r in rows], marker=".", alpha=0.6,
-                     label="accuracy (trained groups)")
-    for ax, title, xlabel in zip(axes, ("SFT", "DCPO (K = 1, 2)"), ("optimizer step", "DCPO step")):
+    for run, label, color in (("dcpo", "DCPO", "tab:blue"), ("dcpo_shuffled", "shuffled control", "tab:gray")):
+        rows = _rows(out / run / "metrics.jsonl")
+        if rows:
+            axes[1].plot([r["step"] for r in rows], [r["rollout_reward_mean"] for r in rows], marker=".",
+                         color=color, label=f"{label}: sampled reward")
+    for ax, title, xlabel in zip(axes, ("SFT", "DCPO (K = 1)"), ("optimizer step", "DCPO step")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -176,7 +195,9 @@ def _paired(out: Path, name: str, start: str) -> list[dict[str, float]]:
     by = {(r["policy"], r["k"], r["task_id"]): r for r in rows}
     result = []
     for k in sorted({r["k"] for r in rows}):
-        tasks = [t for (p, kk, t) in by if p == start and kk == k]
+        tasks = [t for (p, kk, t) in by if p == start and kk == k and (name, k, t) in by]
+        if not tasks:
+            continue
         a, b = [by[(name, k, t)] for t in tasks], [by[(start, k, t)] for t in tasks]
         cell: dict[str, float] = {"k": k, "n": len(tasks)}
         for key in ("accuracy", "reward"):
@@ -194,6 +215,7 @@ def _paired(out: Path, name: str, start: str) -> list[dict[str, float]]:
 
 def run(args: argparse.Namespace) -> int:
     from memact.assets import tiny_warm
+    from memact.engines.base import SamplingParams
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, Budget
     from memact.eval.evaluate import EvalSpec, System, evaluate
     from memact.eval.report import write_report
@@ -229,53 +251,61 @@ def run(args: argparse.Namespace) -> int:
                             args.seed, preset.sft_overrides)
         sft_nomem, sft_mem = f_nomem.result(), f_mem.result()
         clock.mark("SFT without memory and with memory (side by side)")
-        # DCPO on one core while the other evaluates everything that does not wait for it.
+        # DCPO on one core while the other evaluates everything that does not wait for it, then
+        # runs the shuffled control.
         f_rl = pool.submit(_dcpo, sft_nomem, out / "dcpo", preset, args.seed)
         fixed = [System(str(base), "full", "untrained (warm-up)"),
                  System(str(sft_mem), "memact", "MemAct-SFT"), System("scripted-nomem", "full", "scripted, no memory"),
                  System("scripted", "memact", "scripted expert")]
         summary = evaluate(EvalSpec(fixed, list(preset.eval_objectives), n=preset.eval_n, seed=eval_seed,
                                     budget=budget), out / "eval_fixed", progress=False, log=log)
+        f_ctl = pool.submit(_dcpo, sft_nomem, out / "dcpo_shuffled", preset, args.seed, "shuffle") \
+            if preset.control else None
         rl = f_rl.result()
-    clock.mark("DCPO, beside the evaluation of the fixed systems")
+        ctl = f_ctl.result() if f_ctl is not None else None
+    clock.mark("DCPO and its shuffled control, beside the evaluation of the fixed systems")
     trained = [System(str(rl), "full", "NoMemory-RL"), System(str(sft_nomem), "full", "NoMemory-SFT")]
+    if ctl is not None:
+        trained.append(System(str(ctl), "full", "NoMemory-RL, shuffled control"))
     summary = evaluate(EvalSpec(trained, list(preset.eval_objectives), n=preset.eval_n, seed=eval_seed,
                                 budget=budget), out / "eval", progress=False, log=log)
+    # The same policies sampled at the training temperature: what DCPO's reward measured.
+    sampled = [System(x.policy, x.strategy, f"{x.name} (T=1)") for x in trained]
+    evaluate(EvalSpec(sampled, [1], n=preset.eval_n, seed=eval_seed, budget=budget,
+                      sampling=SamplingParams(temperature=1.0)), out / "eval_sampled", progress=False, log=log)
     fixed_rows = json.loads((out / "eval_fixed" / "summary.json").read_text())
     summary += fixed_rows
     with open(out / "eval" / "episodes.jsonl", "a") as f:  # one file of episodes for the report's pairing
         f.write((out / "eval_fixed" / "episodes.jsonl").read_text())
+        f.write((out / "eval_sampled" / "episodes.jsonl").read_text())
+    sampled_rows = json.loads((out / "eval_sampled" / "summary.json").read_text())
     shutil.rmtree(out / "eval_fixed")
-    (out / "eval" / "summary.json").write_text(json.dumps(summary, indent=1))
-    clock.mark("evaluation of the trained policy")
+    shutil.rmtree(out / "eval_sampled")
+    (out / "eval" / "summary.json").write_text(json.dumps(summary + sampled_rows, indent=1))
+    clock.mark("evaluation of the trained policies")
 
     curves = _plot_training(out)
-    rows = _rows(out / "dcpo" / "metrics.jsonl")
     wall = time.time() - clock.t0
     learned = ["| policy | against | K | accuracy (start) | accuracy change, paired | reward (start) "
                "| reward change, paired | penalised episodes (start) | tasks |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, start in (("NoMemory-SFT", "untrained (warm-up)"), ("NoMemory-RL", "NoMemory-SFT"),
-                        ("MemAct-SFT", "untrained (warm-up)")):
+    pairs = [("NoMemory-SFT", "untrained (warm-up)"), ("NoMemory-RL", "NoMemory-SFT"),
+             ("NoMemory-RL (T=1)", "NoMemory-SFT (T=1)"), ("MemAct-SFT", "untrained (warm-up)")]
+    if ctl is not None:
+        pairs[3:3] = [("NoMemory-RL, shuffled control", "NoMemory-SFT"),
+                      ("NoMemory-RL, shuffled control (T=1)", "NoMemory-SFT (T=1)")]
+    for name, start in pairs:
         learned += [f"| {name} | {start} | {c['k']} | {c['accuracy']:.3f} ({c['start_accuracy']:.3f}) | "
                     f"{c['d_accuracy']:+.3f} +- {c['se_accuracy']:.3f} | {c['reward']:.3f} ({c['start_reward']:.3f}) | "
                     f"{c['d_reward']:+.3f} +- {c['se_reward']:.3f} | {c['penalised']:.3f} ({c['start_penalised']:.3f}) "
                     f"| {c['n']} |" for c in _paired(out, name, start)]
-    half = max(len(rows) // 2, 1)
-    early = sum(r["rollout_reward_mean"] for r in rows[:half]) / half
-    late = sum(r["rollout_reward_mean"] for r in rows[half:]) / max(len(rows) - half, 1)
-    snr = ", ".join(f"{r['grad_snr']:.2f}" for r in rows if "grad_snr" in r)
-    sampled = ", ".join(f"{r['rollout_reward_mean']:.3f}" for r in rows)
-    dropped = sum(r["groups_dropped_frac"] for r in rows) / max(len(rows), 1)
     dcpo_lines = [
-        f"DCPO: {preset.dcpo_steps} steps at K = 1 and 2 (both in every step) without the memory tool from "
-        "NoMemory-SFT, lr 3e-4, "
+        f"DCPO: {preset.dcpo_steps} steps at K=1 without the memory tool from NoMemory-SFT, lr 3e-4, "
         f"{preset.dcpo_prompts} prompts x {preset.dcpo_n_traj} trajectories a step, temperature 1.0, dynamic "
-        f"sampling (groups whose rewards are all equal dropped and replaced). Sampled reward over all rollouts "
-        f"per step: {sampled} (first half {early:.3f}, second "
-        f"half {late:.3f}); groups dropped {dropped:.0%} "
-        f"on average; gradient signal-to-noise ratio per step "
-        f"{snr} (about 0 is noise: benchmarks/rl_controls.py measures the same "
-        "update against its shuffled control over seeds, docs/training.md).",
+        "sampling (groups whose rewards are all equal dropped and replaced). Beside it, the shuffled control: the "
+        "same run with the advantages permuted within each group, an update of the same size without signal "
+        "(docs/training.md, \"Controls\"; benchmarks/rl_controls.py runs both over seeds).", "",
+        *[_curve_line(label, _rows(out / run / "metrics.jsonl"))
+          for run, label in (("dcpo", "DCPO"), ("dcpo_shuffled", "Shuffled control")) if (out / run).exists()],
     ]
     stage_lines = "\n".join(f"| {name} | {secs:.0f} |" for name, secs in clock.stages)
     preamble = "\n".join([
