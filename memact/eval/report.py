@@ -128,6 +128,10 @@ def plot_budget_sweep(summary: list[dict[str, Any]], out_dir: str | os.PathLike)
                     ax.plot([r["peak_context"] for r in cell], ys, marker="^", ls="--", color=color, alpha=0.6)
             ax.set_title(f"K={k}")
             ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_xscale("log", base=2)  # budgets double; a linear axis crowds the small ones
+            if fname == "accuracy_vs_budget.png":
+                bs = budgets(summary)
+                ax.set_xticks(bs, [f"{b // 1024}K" if b % 1024 == 0 else str(b) for b in bs], fontsize=7)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("accuracy")
