@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["memact", "memact.*"]) + ["memact_kernels"],
     package_dir={"memact_kernels": "kernels"},
     include_package_data=True,
-    package_data={"memact.research": ["templates/cpu/*", "templates/gpu/*"], "memact.assets": ["tiny_warm/*"]},
+    package_data={"memact.research": ["templates/cpu/*", "templates/gpu/*", "templates/surrogate/*"], "memact.assets": ["tiny_warm/*"]},
     install_requires=[
         # torch is deliberately unpinned here: vLLM pins its own; the Makefile pins the CPU wheel.
         "torch",

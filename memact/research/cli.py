@@ -34,8 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     init = sub.add_parser("init", help="create a workspace (git repo with prepare.py, train.py, program.md)")
     init.add_argument("dir", help="new or empty directory")
-    init.add_argument("--template", choices=["cpu", "gpu"], default="cpu",
-                      help="cpu: small GPT, 60 s default budget; gpu: sized for one H100, 300 s")
+    init.add_argument("--template", choices=["cpu", "gpu", "surrogate"], default="cpu",
+                      help="cpu: small GPT, 60 s default budget; gpu: sized for one H100, 300 s; surrogate: the same "
+                      "constants scored by a known response surface in milliseconds (for studying long histories)")
     init.set_defaults(func=cmd_init)
 
     run = sub.add_parser("run", help="run (or resume) the experiment loop in a workspace", epilog=RUN_EPILOG,
@@ -44,8 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--budget", type=budget_seconds, required=True,
                      help="training seconds per run (finite, > 0, longer than train.py's start-up); killed at 2x")
     run.add_argument("--experiments", type=int, required=True, help="total experiments wanted (resume-aware)")
-    run.add_argument("--proposer", default="mutate", help="mutate | openai:MODEL | policy:MODEL_DIR (default mutate)")
-    run.add_argument("--memory", default="heuristic", help="heuristic | none | policy:MODEL_DIR (default heuristic)")
+    run.add_argument("--proposer", default="mutate",
+                     help="mutate | context (offline, reads only its context) | openai:MODEL | policy:MODEL_DIR "
+                     "(default mutate)")
+    run.add_argument("--memory", default="heuristic", help="heuristic | none | window (oldest records dropped to fit the budget) | policy:MODEL_DIR "
+                     "(default heuristic)")
     run.add_argument("--baseline-runs", type=int, default=3, help="repeats of the baseline for the noise margin (>= 2)")
     run.add_argument("--context-budget", type=int, default=4000,
                      help="proxy tokens of proposer context above which the memory acts (default 4000)")

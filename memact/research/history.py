@@ -16,6 +16,7 @@ with a fresh id (so a later action can delete that note and fold it into a new o
 - ``policy:MODEL_DIR``: the served memact policy is asked for a ``prune_context`` call;
   a bad call falls back to the heuristic and is logged;
 - ``none``: never prunes.
+- ``window``: drops the oldest records, without a note, until the context fits the budget.
 
 Token counts use a proxy, since no tokenizer is involved here: the number of words and
 punctuation marks (regex ``\\w+|[^\\w\\s]``). It tracks BPE token counts of English and
@@ -306,6 +307,21 @@ class NoMemory:
         return ""
 
 
+class WindowMemory:
+    """No memory, with a budget: the oldest records are dropped, without a note, until the context
+    fits (a sliding window; what the proposer cannot see, it no longer knows)."""
+
+    name = "window"
+
+    def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        dropped = []
+        while memory.tokens(best_block) > budget and len(memory.memory.records) > 1:
+            oldest = memory.memory.records[0].record_id
+            memory.memory.drop([oldest])
+            dropped.append(oldest)
+        return f"window: dropped {len(dropped)} oldest records" if dropped else ""
+
+
 PRUNE_TOOL = {
     "type": "function",
     "function": {
@@ -386,12 +402,14 @@ class PolicyMemory:
 
 
 def make_memory_policy(spec: str) -> MemoryPolicy:
-    """A memory policy from its command-line name: ``heuristic``, ``none`` or ``policy:MODEL_DIR``."""
+    """A memory policy from its command-line name: ``heuristic``, ``none``, ``window`` or ``policy:MODEL_DIR``."""
     kind, _, arg = spec.partition(":")
     if spec == "heuristic":
         return HeuristicMemory()
     if spec == "none":
         return NoMemory()
+    if spec == "window":
+        return WindowMemory()
     if kind == "policy" and arg:
         return PolicyMemory(Endpoint.policy(arg))
-    raise ValueError(f"unknown memory {spec!r}: expected heuristic, none or policy:MODEL_DIR")
+    raise ValueError(f"unknown memory {spec!r}: expected heuristic, none, window or policy:MODEL_DIR")

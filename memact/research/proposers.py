@@ -4,6 +4,7 @@ Every proposer has one method, ``propose(context_text, best_source, experiment)`
 returns a :class:`Proposal` holding either the whole new source (``new_source``) or a
 unified diff (``patch``) that the loop applies with ``git apply``, all or nothing.
 
+- ``context``: an offline proposer that reads only its context (a measuring instrument for memories).
 - ``mutate``: an offline classical baseline. It perturbs the hyperparameter constants at
   the top of train.py around the best version (seeded, multiplicative, within bounds). It
   does not read the context: it is the fair "random search" a learned proposer must beat.
@@ -166,6 +167,150 @@ class MutateProposer:
         return Proposal(description=description, new_source=set_constants(best_source, changes))
 
 
+# ---- The context-reading proposer -----------------------------------------------------------
+
+GRID = (1.25, 1.6, 2.5)  # the factors a context proposer moves a constant by, up or down
+_RECORD_RE = re.compile(r"exp (\d+) (\w+) val_bpb=(\S+) \| (.*?) \| ")
+_MOVE_RE = re.compile(r"\b([A-Z][A-Z_]+) (\S+) -> ([^;|\s]+)")
+_KEPT_TRIED_RE = re.compile(r"\b([A-Z][A-Z_]+) (\d+)/(\d+)")
+
+
+def change_key(description: str) -> frozenset[tuple[str, str]]:
+    """What an experiment set: ``{(CONSTANT, new value)}`` from ``NAME old -> new`` moves."""
+    return frozenset((name, new) for name, _, new in _MOVE_RE.findall(description))
+
+
+def move_key(description: str) -> frozenset[tuple[str, str, str]]:
+    """The moves of an experiment: ``{(CONSTANT, old value, new value)}``."""
+    return frozenset(_MOVE_RE.findall(description))
+
+
+@dataclass
+class Seen:
+    """What a context shows: the moves tried, the moves that were kept and those that crashed,
+    and a note's kept/tried counts per constant."""
+
+    tried: set[frozenset[tuple[str, str, str]]]
+    helped: list[tuple[str, int]]  # (constant, +1 up / -1 down) of kept moves, oldest first
+    crashed: dict[tuple[str, int], float]  # (constant, direction) -> the least extreme value that crashed
+    kept_tried: dict[str, tuple[int, int]]
+
+
+def _direction(old: str, new: str) -> int | None:
+    try:
+        return 1 if float(new) > float(old) else -1
+    except ValueError:
+        return None
+
+
+def read_context(context_text: str) -> Seen:
+    """The experiments and notes a context shows, and nothing else: experiment records (their
+    moves, kept or crashed) and, in a heuristic note, the kept/tried counts and the kept moves."""
+    seen = Seen(set(), [], {}, {})
+    for line in context_text.splitlines():
+        m = _RECORD_RE.search(line)
+        if m:
+            status, description = m.group(2), m.group(4)
+            moves = _MOVE_RE.findall(description)
+            if not moves:
+                continue
+            seen.tried.add(frozenset(moves))
+            for name, old, new in moves:
+                up = _direction(old, new)
+                if up is None:
+                    continue
+                if status == "keep":
+                    seen.helped.append((name, up))
+                elif status == "crash":
+                    worst = seen.crashed.get((name, up))
+                    value = float(new)
+                    seen.crashed[(name, up)] = value if worst is None else (min if up > 0 else max)(worst, value)
+        elif "note:" in line:
+            counts = line.split("kept/tried:", 1)[1].split(";", 1)[0] if "kept/tried:" in line else ""
+            for name, kept, tried in _KEPT_TRIED_RE.findall(counts):
+                seen.kept_tried[name] = (int(kept), int(tried))
+            kept = line.split("kept:", 1)[1] if "; kept:" in line else ""
+            for name, old, new in _MOVE_RE.findall(kept.split("earlier notes:", 1)[0]):
+                up = _direction(old, new)
+                if up is not None:
+                    seen.helped.append((name, up))
+    return seen
+
+
+class ContextProposer:
+    """An offline proposer that knows only its context: a measuring instrument for memories.
+
+    It moves one constant of the best train.py by a factor of the grid :data:`GRID` (up or down).
+    What it reads from its context (:func:`read_context`) steers it: a change it can see was tried
+    is never proposed again while another is left; a direction it can see was kept is followed
+    (half the time, the last such direction first); a move past a value it can see crashed is
+    not made; a constant a note says was often kept is preferred when it explores. What it cannot
+    see, it does not know: a memory that drops the wrong records makes it repeat failures and
+    lose the directions that helped. Seeded by ``(seed, experiment)``, so it is deterministic
+    given its context. docs/research.md, "Measuring a memory".
+    """
+
+    def __init__(self, seed: int = 0, follow: float = 0.5):
+        self.seed, self.follow = seed, follow
+
+    def candidates(self, constants: dict[str, int | float], heads: int) -> list[tuple[str, int | float, int]]:
+        """Every legal one-constant move of the grid: ``(name, new value, direction)``."""
+        out = []
+        for name in (n for n in TUNABLES if n in constants):
+            spec, value = TUNABLES[name], constants[name]
+            for factor in GRID:
+                for up in (1, -1):
+                    new: int | float = value * factor ** up
+                    if spec.integer:
+                        unit = heads if name == "WIDTH" else 1
+                        new = int(max(unit, round(new / unit) * unit))
+                    else:
+                        new = float(format_value(new))
+                    if new != value and spec.low <= new <= spec.high:
+                        out.append((name, new, up))
+        return out
+
+    def propose(self, context_text: str, best_source: str, experiment: int) -> Proposal:
+        rng = random.Random(f"context-{self.seed}-{experiment}")
+        constants = {name: c[3] for name, c in find_constants(best_source).items()}
+        heads = int(constants.get(HEADS_NAME, 1))
+        seen = read_context(context_text)
+        moves = {}
+        for name, new, up in self.candidates(constants, heads):
+            limit = seen.crashed.get((name, up))
+            if limit is not None and (new >= limit if up > 0 else new <= limit):
+                continue  # at or past a value that crashed
+            moves.setdefault((name, format_value(constants[name]), format_value(new)), (name, new, up))
+        if not moves:
+            raise ValueError("no tunable constant of train.py can move within its bounds")
+        fresh = [m for key, m in moves.items() if frozenset([key]) not in seen.tried]
+        if not fresh:  # every single move it can see was tried: two at once, one not seen yet
+            keys = list(moves)
+            pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:] if a[0] != b[0]
+                     and frozenset([a, b]) not in seen.tried]
+            if pairs:
+                a, b = rng.choice(pairs)
+                changes = {a[0]: moves[a][1], b[0]: moves[b][1]}
+                return Proposal(description="; ".join(f"{n} {format_value(constants[n])} -> {format_value(v)}"
+                                                      for n, v in sorted(changes.items())),
+                                new_source=set_constants(best_source, changes))
+        pool = fresh or list(moves.values())  # everything was tried: a repeat, knowingly
+        pick = None
+        if seen.helped and rng.random() < self.follow:
+            for name, up in reversed(seen.helped):
+                along = [m for m in pool if m[0] == name and m[2] == up]
+                if along:
+                    pick = min(along, key=lambda m: abs(math.log(m[1] / constants[name])))  # the smallest step on
+                    break
+        if pick is None:
+            weights = [1.0 + 2.0 * (seen.kept_tried[m[0]][0] / max(seen.kept_tried[m[0]][1], 1))
+                       if m[0] in seen.kept_tried else 1.0 for m in pool]
+            pick = rng.choices(pool, weights=weights)[0]
+        name, new, _ = pick
+        return Proposal(description=f"{name} {format_value(constants[name])} -> {format_value(new)}",
+                        new_source=set_constants(best_source, {name: new}))
+
+
 # ---- Language-model proposers ---------------------------------------------------------------
 
 SYSTEM_PROMPT = """\
@@ -253,12 +398,14 @@ class ChatProposer:
 
 
 def make_proposer(spec: str, seed: int = 0) -> Proposer:
-    """A proposer from its command-line name: ``mutate``, ``openai:MODEL`` or ``policy:MODEL_DIR``."""
+    """A proposer from its command-line name: ``mutate``, ``context``, ``openai:MODEL`` or ``policy:MODEL_DIR``."""
     kind, _, arg = spec.partition(":")
     if kind == "mutate" and not arg:
         return MutateProposer(seed)
+    if kind == "context" and not arg:
+        return ContextProposer(seed)
     if kind == "openai":
         return ChatProposer(Endpoint.openai(arg))
     if kind == "policy" and arg:
         return ChatProposer(Endpoint.policy(arg))
-    raise ValueError(f"unknown proposer {spec!r}: expected mutate, openai:MODEL or policy:MODEL_DIR")
+    raise ValueError(f"unknown proposer {spec!r}: expected mutate, context, openai:MODEL or policy:MODEL_DIR")

@@ -12,7 +12,7 @@ import stat
 import subprocess
 from importlib import resources
 
-TEMPLATES = ("cpu", "gpu")
+TEMPLATES = ("cpu", "gpu", "surrogate")
 TEMPLATE_FILES = ("prepare.py", "train.py", "program.md")
 EDITABLE_FILE = "train.py"
 

@@ -1,0 +1,43 @@
+"""What a research run found, read from its workspace: the numbers a memory is compared by
+(benchmarks/research_memory.py, docs/research.md "Measuring a memory")."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any
+
+from memact.research.proposers import change_key
+from memact.research.workspace import CONTEXT_FILE, RESULTS_FILE
+
+
+def measure_workspace(workdir: str | os.PathLike, target: float | None = None) -> dict[str, Any]:
+    """From ``results.tsv`` and ``context.tsv``: the best val_bpb, the experiment that first
+    reached ``target``, the share of experiments that repeat an earlier one (the same change of
+    the same best train.py: the same configuration run again), crashes, and the context tokens
+    per experiment."""
+    with open(os.path.join(workdir, RESULTS_FILE), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    baseline = [r for r in rows if r["description"].startswith("baseline run")]
+    experiments = [r for r in rows if not r["description"].startswith("baseline run")]
+    base = baseline[0]["commit"] if baseline else ""
+    seen: set = set()
+    repeats, best, reached, curve = 0, math.inf, None, []
+    for i, r in enumerate(experiments, 1):
+        key = (base, change_key(r["description"]))
+        repeats += key in seen
+        seen.add(key)
+        if r["status"] == "keep":
+            base = r["commit"]
+        if r["val_bpb"] and r["status"] != "crash":
+            best = min(best, float(r["val_bpb"]))
+        curve.append(best)
+        if reached is None and target is not None and best <= target:
+            reached = i
+    with open(os.path.join(workdir, CONTEXT_FILE), newline="", encoding="utf-8") as f:
+        tokens = [int(c["context_tokens"]) for c in csv.DictReader(f, delimiter="\t")]
+    return {"best": best, "reached": reached, "repeat_share": repeats / max(len(experiments), 1),
+            "repeats": repeats, "crashes": sum(r["status"] == "crash" for r in experiments),
+            "experiments": len(experiments), "context_mean": sum(tokens) / max(len(tokens), 1),
+            "context_max": max(tokens, default=0), "curve": curve, "context_curve": tokens}
