@@ -29,7 +29,7 @@ setup(
         "omegaconf",
         "pyyaml",
         "numpy",
-        "openai",  # the client of OpenAI-compatible servers (memact.util.http.OpenAIChatClient)
+        "openai>=1.40",  # the client of OpenAI-compatible servers (memact.util.http.OpenAIChatClient)
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],
