@@ -3,9 +3,10 @@
 The shipped warm-up (``memact/assets/tiny_warm``: the tiny model after ``memact pretrain``,
 which the demo's time cannot afford) -> scripted trajectories -> two SFTs side by side on the
 two cores: one without memory (K=1, the skill this time can teach) and one with memory
-actions (K=1 and 2) -> DCPO from the no-memory policy at K=1, with dynamic sampling and the
-gradient signal-to-noise ratio logged, and beside it the same run with its advantages shuffled
-within each group (``dcpo.control=shuffle``: an update of the same size without signal) ->
+actions (K=1 and 2) -> DCPO from the no-memory policy at K = 1 and 2, with dynamic sampling and
+the gradient signal-to-noise ratio logged, and beside it, on the other core, the same run with its
+advantages shuffled within each group (``dcpo.control=shuffle``: an update of the same size
+without signal) ->
 evaluation of every policy, of the untrained start and of the scripted experts on the same
 held-out tasks, greedy, and of the DCPO policies also sampled at the training temperature ->
 ``OUT/REPORT.md``: the table, the learned rows against their start (paired, task by task), the
@@ -41,15 +42,17 @@ class DemoPreset:
     sft_overrides: tuple[str, ...] = ("optim.lr=1e-3", "optim.schedule=cosine", "optim.warmup_steps=50",
                                       "sft.segments_per_step=2")
     """The SFT of the warm start measured in docs/pretrain.md (small steps, cosine)."""
-    dcpo_steps: int = 8
+    dcpo_steps: int = 6
     dcpo_prompts: int = 8
     dcpo_n_traj: int = 8
-    dcpo_overrides: tuple[str, ...] = ("rollout.objectives=1", "rollout.strategy=full", "rollout.max_steps=4",
-                                       "rollout.temperature=1.0", "optim.lr=3e-4", "rollout.dynamic_sampling=true",
-                                       "logging.grad_snr=true")
-    """K=1 without the memory tool: sampled at temperature 1 the no-memory SFT answers about 0.87 of
-    these tasks, so groups hold both outcomes (at K=2 it answers none: no group has signal).
-    lr 3e-4: at 1e-4 eight steps changed no greedy answer (docs/training.md, "Controls")."""
+    dcpo_overrides: tuple[str, ...] = ("rollout.curriculum=[1,2]", "rollout.curriculum_mode=mixed",
+                                       "rollout.strategy=full", "rollout.max_steps=6", "rollout.temperature=1.0",
+                                       "optim.lr=3e-4", "rollout.dynamic_sampling=true", "logging.grad_snr=true")
+    """K = 1 and 2 in every step, without the memory tool. At K=1 the no-memory SFT's sampled groups
+    hold both outcomes; at K=2 it answers nothing, and only its penalised episodes (broken budgets)
+    give a signal. Both K are needed: DCPO at K=1 alone raised the penalised K=2 episodes from
+    0.10 to 0.94 in 8 steps (a K that is not sampled drifts, as in docs/reproduce.md's runs E and
+    F). lr 3e-4: at 1e-4 eight steps changed no greedy answer (docs/training.md, "Controls")."""
     control: bool = True
     """Run the shuffled-advantage control beside DCPO (the other core)."""
     eval_objectives: tuple[int, ...] = (1, 2)
@@ -156,6 +159,13 @@ def _curve_line(label: str, rows: list[dict]) -> str:
             f"average; gradient signal-to-noise ratio per step {snr or '-'} (about 0 is noise).")
 
 
+def _evaluate(spec, out: Path) -> list[dict]:
+    """``memact.eval.evaluate.evaluate`` with the demo's log lines (a worker process may run it)."""
+    from memact.eval.evaluate import evaluate
+
+    return evaluate(spec, out, progress=False, log=lambda line: print(f"[demo] {line}", file=sys.stderr))
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -177,7 +187,7 @@ def _plot_training(out: Path) -> list[str]:
         if rows:
             axes[1].plot([r["step"] for r in rows], [r["rollout_reward_mean"] for r in rows], marker=".",
                          color=color, label=f"{label}: sampled reward")
-    for ax, title, xlabel in zip(axes, ("SFT", "DCPO (K = 1)"), ("optimizer step", "DCPO step")):
+    for ax, title, xlabel in zip(axes, ("SFT", "DCPO (K = 1, 2)"), ("optimizer step", "DCPO step")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -217,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     from memact.assets import tiny_warm
     from memact.engines.base import SamplingParams
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, Budget
-    from memact.eval.evaluate import EvalSpec, System, evaluate
+    from memact.eval.evaluate import EvalSpec, System
     from memact.eval.report import write_report
     from memact.models.model import count_parameters, load_policy
 
@@ -240,7 +250,6 @@ def run(args: argparse.Namespace) -> int:
     data_mem = _rollouts("scripted", preset.mem_tasks, args.seed, out / "data" / "scripted.jsonl", base)
     clock.mark("scripted trajectories")
 
-    log = lambda line: print(f"[demo] {line}", file=sys.stderr)  # noqa: E731
     budget = Budget(DEFAULT_CONTEXT_BUDGET, preset.eval_max_steps)
     eval_seed = 10_000 + args.seed
     spawn = multiprocessing.get_context("spawn")
@@ -251,28 +260,29 @@ def run(args: argparse.Namespace) -> int:
                             args.seed, preset.sft_overrides)
         sft_nomem, sft_mem = f_nomem.result(), f_mem.result()
         clock.mark("SFT without memory and with memory (side by side)")
-        # DCPO on one core while the other evaluates everything that does not wait for it, then
-        # runs the shuffled control.
+        # DCPO and its control side by side, then the fixed systems evaluated on one core while
+        # the other evaluates the trained ones.
         f_rl = pool.submit(_dcpo, sft_nomem, out / "dcpo", preset, args.seed)
-        fixed = [System(str(base), "full", "untrained (warm-up)"),
-                 System(str(sft_mem), "memact", "MemAct-SFT"), System("scripted-nomem", "full", "scripted, no memory"),
-                 System("scripted", "memact", "scripted expert")]
-        summary = evaluate(EvalSpec(fixed, list(preset.eval_objectives), n=preset.eval_n, seed=eval_seed,
-                                    budget=budget), out / "eval_fixed", progress=False, log=log)
         f_ctl = pool.submit(_dcpo, sft_nomem, out / "dcpo_shuffled", preset, args.seed, "shuffle") \
             if preset.control else None
         rl = f_rl.result()
         ctl = f_ctl.result() if f_ctl is not None else None
-    clock.mark("DCPO and its shuffled control, beside the evaluation of the fixed systems")
-    trained = [System(str(rl), "full", "NoMemory-RL"), System(str(sft_nomem), "full", "NoMemory-SFT")]
-    if ctl is not None:
-        trained.append(System(str(ctl), "full", "NoMemory-RL, shuffled control"))
-    summary = evaluate(EvalSpec(trained, list(preset.eval_objectives), n=preset.eval_n, seed=eval_seed,
-                                budget=budget), out / "eval", progress=False, log=log)
-    # The same policies sampled at the training temperature: what DCPO's reward measured.
-    sampled = [System(x.policy, x.strategy, f"{x.name} (T=1)") for x in trained]
-    evaluate(EvalSpec(sampled, [1], n=preset.eval_n, seed=eval_seed, budget=budget,
-                      sampling=SamplingParams(temperature=1.0)), out / "eval_sampled", progress=False, log=log)
+        clock.mark("DCPO and its shuffled control (side by side)")
+        fixed = [System(str(base), "full", "untrained (warm-up)"),
+                 System(str(sft_mem), "memact", "MemAct-SFT"), System("scripted-nomem", "full", "scripted, no memory"),
+                 System("scripted", "memact", "scripted expert")]
+        f_fixed = pool.submit(_evaluate, EvalSpec(fixed, list(preset.eval_objectives), n=preset.eval_n,
+                                                  seed=eval_seed, budget=budget), out / "eval_fixed")
+        trained = [System(str(rl), "full", "NoMemory-RL"), System(str(sft_nomem), "full", "NoMemory-SFT")]
+        if ctl is not None:
+            trained.append(System(str(ctl), "full", "NoMemory-RL, shuffled control"))
+        summary = _evaluate(EvalSpec(trained, list(preset.eval_objectives), n=preset.eval_n, seed=eval_seed,
+                                     budget=budget), out / "eval")
+        # The same policies sampled at the training temperature: what DCPO's reward measured.
+        sampled = [System(x.policy, x.strategy, f"{x.name} (T=1)") for x in trained]
+        _evaluate(EvalSpec(sampled, [1], n=preset.eval_n, seed=eval_seed, budget=budget,
+                           sampling=SamplingParams(temperature=1.0)), out / "eval_sampled")
+        f_fixed.result()
     fixed_rows = json.loads((out / "eval_fixed" / "summary.json").read_text())
     summary += fixed_rows
     with open(out / "eval" / "episodes.jsonl", "a") as f:  # one file of episodes for the report's pairing
@@ -282,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(out / "eval_fixed")
     shutil.rmtree(out / "eval_sampled")
     (out / "eval" / "summary.json").write_text(json.dumps(summary + sampled_rows, indent=1))
-    clock.mark("evaluation of the trained policies")
+    clock.mark("evaluation of every policy (fixed systems on one core, trained ones on the other)")
 
     curves = _plot_training(out)
     wall = time.time() - clock.t0
@@ -299,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{c['d_reward']:+.3f} +- {c['se_reward']:.3f} | {c['penalised']:.3f} ({c['start_penalised']:.3f}) "
                     f"| {c['n']} |" for c in _paired(out, name, start)]
     dcpo_lines = [
-        f"DCPO: {preset.dcpo_steps} steps at K=1 without the memory tool from NoMemory-SFT, lr 3e-4, "
+        f"DCPO: {preset.dcpo_steps} steps at K = 1 and 2 (both in every step) without the memory tool from "
+        "NoMemory-SFT, lr 3e-4, "
         f"{preset.dcpo_prompts} prompts x {preset.dcpo_n_traj} trajectories a step, temperature 1.0, dynamic "
         "sampling (groups whose rewards are all equal dropped and replaced). Beside it, the shuffled control: the "
         "same run with the advantages permuted within each group, an update of the same size without signal "
