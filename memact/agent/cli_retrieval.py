@@ -87,16 +87,14 @@ def make_retrieval_server(index_dir: str, host: str = "127.0.0.1", port: int = 8
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from memact.util.jsonserver import serve_until_stopped
+
     try:
         server = make_retrieval_server(args.index, args.host, args.port)
     except FileNotFoundError as err:
         raise SystemExit(f"memact retrieval-serve: {err}") from None
     host, port = server.server_address[:2]
-    print(f"serving {args.index} on http://{host}:{port}/retrieve (Ctrl-C stops)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    print(f"serving {args.index} on http://{host}:{port}/retrieve (Ctrl-C or SIGTERM stops)", file=sys.stderr,
+          flush=True)
+    serve_until_stopped(server)
     return 0

@@ -10,7 +10,7 @@ import time
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
-    from memact.env.sources import RETRIEVAL_HELP, SPEC_HELP, SPLITS
+    from memact.env.sources import add_source_arguments
 
     p = sub.add_parser(
         "rollout", help="run episodes of a policy and write trajectories with their DCPO segments",
@@ -25,12 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objectives", "-k", type=int, default=2, help="sub-questions per task (K)")
     p.add_argument("--n", type=int, default=16, help="number of episodes")
     p.add_argument("--seed", type=int, default=0, help="task and record-id seed")
-    p.add_argument("--data", default=None, help=f"task source: {SPEC_HELP} (default synthetic; docs/data.md)")
-    p.add_argument("--retrieval", default="task",
-                   help=f"what search queries for a data file: {RETRIEVAL_HELP} (default task: bm25s over the file's "
-                   "documents; docs/data.md)")
-    p.add_argument("--split", default="train", choices=SPLITS,
-                   help="a data file's questions to draw from (default train; `memact eval` uses eval)")
+    add_source_arguments(p, split="train")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--context-budget", type=int, default=DEFAULT_CONTEXT_BUDGET,
                    help=f"largest context in tokens (default {DEFAULT_CONTEXT_BUDGET})")
@@ -52,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
     from memact.agent.rollout import close_engines, rollout
     from memact.engines.base import SamplingParams
     from memact.env.memory import Budget
-    from memact.env.sources import parse_source
+    from memact.env.sources import source_from_args
     from memact.trajectory import trajectory_stats, write_jsonl
 
     if args.objectives < 1 or args.n < 1:
         raise SystemExit("--objectives and --n must be >= 1")
+    source = source_from_args(args, "rollout")
     try:
-        tasks = parse_source(args.data, args.retrieval).tasks(args.n, args.objectives, args.seed, split=args.split)
-    except (ValueError, OSError) as err:
+        tasks = source.tasks(args.n, args.objectives, args.seed, split=args.split)
+    except ValueError as err:  # e.g. K above the split's questions
         raise SystemExit(f"memact rollout: --data {args.data!r}: {err}") from None
     t0 = time.time()
     trajs = rollout(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,23 +56,15 @@ def build_server(args: argparse.Namespace):
     return make_server(backend, args.host, args.port, backlog=args.backlog, timeout=args.timeout)
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # `kill PID` stops the server the way Ctrl-C does
-
-
 def run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    from memact.util.jsonserver import serve_until_stopped, stop_on_sigterm
+
+    stop_on_sigterm()
     server = build_server(args)
     host, port = server.server_address[:2]
     print(f"serving {server.backend.model_name!r} on http://{host}:{port}/v1 "
           f"(OPENAI_BASE_URL=http://{host}:{port}/v1); Ctrl-C or SIGTERM stops", file=sys.stderr)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        server.backend.close()
+    serve_until_stopped(server, server.backend.close)
     print("stopped", file=sys.stderr)
     return 0
 

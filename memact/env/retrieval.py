@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from memact.env.sources import RETRIEVAL_HELP
-from memact.env.tools import bm25s
+from memact.env.tools import RetrievalError, bm25s
 from memact.util.http import ChatClient, ChatClientError
 from memact.util.jsonserver import RequestError
 
@@ -31,10 +31,6 @@ INDEX_META = "memact_index.json"
 DEFAULT_TOPK = 3
 HTTP_TIMEOUT_S = 10.0
 HTTP_RETRIES = 3
-
-
-class RetrievalError(RuntimeError):
-    """A search the backend could not answer (a server down, a bad reply)."""
 
 
 class CorpusIndex:

@@ -290,6 +290,30 @@ def parse_source(spec: str | None, retrieval: str | None = None) -> TaskSource:
     return source
 
 
+def add_source_arguments(parser: Any, split: str, retrieval: bool = True) -> None:
+    """``--data`` (a spec), ``--split`` (default ``split``) and ``--retrieval`` of a command that runs tasks."""
+    parser.add_argument("--data", default=None, help=f"task source: {SPEC_HELP} (default synthetic; docs/data.md)")
+    if retrieval:
+        parser.add_argument("--retrieval", default="task",
+                            help=f"what search queries for a data file: {RETRIEVAL_HELP} (default task: bm25s over "
+                            "the file's documents; docs/data.md)")
+    hint = "`memact eval` uses eval" if split == "train" else "never in a training run's train split"
+    parser.add_argument("--split", default=split, choices=SPLITS,
+                        help=f"a data file's questions to draw from (default {split}: {hint})")
+
+
+def source_from_args(args: Any, command: str) -> TaskSource:
+    """The task source of :func:`add_source_arguments`' options, a data file's ``--split`` read and
+    checked whole now; a bad spec or file stops ``memact COMMAND`` with one line naming it."""
+    try:
+        source = parse_source(args.data, getattr(args, "retrieval", None))
+        if source.path:
+            source.questions(args.split)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"memact {command}: --data {args.data!r}: {err}") from None
+    return source
+
+
 def _parse(spec: str | None) -> TaskSource:
     spec = (spec or "synthetic").strip()
     kind, sep, arg = spec.partition(":")

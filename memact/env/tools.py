@@ -53,6 +53,10 @@ PRUNE_SCHEMA = {
 MAX_TOPK = 5
 
 
+class RetrievalError(RuntimeError):
+    """A search the backend could not answer (a server down, a bad reply: ``memact.env.retrieval``)."""
+
+
 class BM25Search:
     """``search(query, topk)`` over a task's documents with the bm25s library."""
 
@@ -194,8 +198,6 @@ class AgentEnv:
         topk = args.get("topk", self.search.default_topk)
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
             return self._error(f"topk must be an integer from 1 to {MAX_TOPK}, got {topk!r}", assistant_text)
-        from memact.env.retrieval import RetrievalError
-
         try:
             docs = self.search(query, topk)
         except RetrievalError as err:  # not the agent's doing: the episode ends marked, the run goes on

@@ -18,7 +18,7 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from memact.engines.factory import ENGINES
     from memact.env.memory import DEFAULT_CONTEXT_BUDGET, DEFAULT_MAX_STEPS
-    from memact.env.sources import RETRIEVAL_HELP, SPEC_HELP, SPLITS
+    from memact.env.sources import add_source_arguments
 
     p = sub.add_parser(
         "eval", help="evaluate policies x memory strategies x objectives; table + plots",
@@ -33,12 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objectives", type=_ints, default=[2, 4, 6, 8], help="comma-separated K values")
     p.add_argument("--n", type=int, default=16, help="tasks per (policy, strategy, K)")
     p.add_argument("--seed", type=int, default=1000, help="task seed (held out from training seeds)")
-    p.add_argument("--data", default=None, help=f"task source: {SPEC_HELP} (default synthetic; docs/data.md)")
-    p.add_argument("--retrieval", default="task",
-                   help=f"what search queries for a data file: {RETRIEVAL_HELP} (default task: bm25s over the file's "
-                   "documents; docs/data.md)")
-    p.add_argument("--split", default="eval", choices=SPLITS,
-                   help="a data file's questions to draw from (default eval: never in a training run's train split)")
+    add_source_arguments(p, split="eval")
     p.add_argument("--context-budget", type=_ints, default=[DEFAULT_CONTEXT_BUDGET],
                    help=f"context budget in tokens, or several comma-separated for a sweep (accuracy against "
                    f"budget and measured context per K; default {DEFAULT_CONTEXT_BUDGET})")
@@ -58,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from memact.agent.strategies import parse_strategy
     from memact.engines.base import SamplingParams
     from memact.env.memory import Budget
-    from memact.env.sources import parse_source
+    from memact.env.sources import source_from_args
     from memact.eval.evaluate import EvalSpec, evaluate
     from memact.eval.report import write_report
 
@@ -66,12 +61,7 @@ def run(args: argparse.Namespace) -> int:
     strategies = [s for s in args.strategy.split(",") if s]
     for s in strategies:
         parse_strategy(s)  # fail before any work
-    try:
-        source = parse_source(args.data, args.retrieval)
-        if source.path:
-            source.questions(args.split)  # every row read and checked now
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"memact eval: --data {args.data!r}: {err}") from None
+    source = source_from_args(args, "eval")
     judge = None
     if args.judge:
         from memact.eval.judge import make_judge

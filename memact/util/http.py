@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import http.client
 import json
 import os
@@ -219,77 +220,54 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
     return err.reason if isinstance(err.reason, str) and err.reason else f"status {err.code}"
 
 
-@dataclass
-class OpenAIChatClient:
+class OpenAIChatClient(ChatClient):
     """The chat-completions client of OpenAI-protocol servers, on the official ``openai`` SDK:
     the OpenAI engine (``openai:MODEL`` policies), the LLM judge and the research agent's
-    proposers. The same surface and failure messages as :class:`ChatClient` (``post``,
-    ``complete``, :class:`ChatClientError` ``POST {url}: {cause} (after N attempt(s))``); the SDK
-    sends the requests, with this project's retry rule (:data:`RETRY_STATUSES`, timeouts and
-    connection errors) and backoff (``backoff_s`` doubling with jitter, ``Retry-After`` honoured,
-    both capped at ``max_backoff_s``). Fields that the SDK's ``create`` does not name (a server's
-    own extensions) go in ``extra_body``.
+    proposers. A :class:`ChatClient` (its fields, ``from_env``, ``url``, ``complete``, ``delay``
+    and :class:`ChatClientError` messages) whose ``post`` goes through the SDK, with this
+    project's retry rule (:data:`RETRY_STATUSES`, timeouts and connection errors) and backoff
+    (``backoff_s`` doubling with jitter, ``Retry-After`` honoured, both capped at
+    ``max_backoff_s``) in the SDK's retry hooks. Fields that the SDK's ``create`` does not name (a
+    server's own extensions) go in ``extra_body``.
     """
 
-    base_url: str
-    api_key: str | None = None
-    timeout_s: float = 120.0
-    max_retries: int = 4
-    backoff_s: float = 0.5
-    max_backoff_s: float = 8.0
+    @functools.cached_property
+    def _sdk(self) -> Any:
+        import openai
 
-    @classmethod
-    def from_env(cls, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> OpenAIChatClient:
-        """A client for :func:`openai_env`'s base URL and key."""
-        base, key = openai_env(base_url, api_key)
-        return cls(base, key, **kwargs)
+        policy = self
 
-    @property
-    def url(self) -> str:
-        return f"{self.base_url.rstrip('/')}/chat/completions"
+        class _SDK(openai.OpenAI):
+            def _should_retry(self, response: Any) -> bool:
+                header = response.headers.get("x-should-retry")
+                if header in ("true", "false"):
+                    return header == "true"
+                return response.status_code in RETRY_STATUSES
 
-    def __post_init__(self) -> None:
-        self._sdk: Any = None
-        self._known: frozenset[str] = frozenset()
+            def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
+                                         response_headers: Any = None) -> float:
+                attempt = max(policy.max_retries - remaining_retries, 0)
+                value = response_headers.get("retry-after") if response_headers is not None else None
+                return policy.delay(attempt, _retry_after(value))
 
-    def _client(self) -> Any:
-        if self._sdk is None:
-            import inspect
+        # No key: the SDK insists on one and sends it; "EMPTY" is vLLM's convention for servers
+        # without auth (api.openai.com answers it with a 401 naming the key).
+        return _SDK(base_url=self.base_url, api_key=self.api_key or "EMPTY", timeout=self.timeout_s,
+                    max_retries=self.max_retries)
 
-            import openai
+    @functools.cached_property
+    def _known(self) -> frozenset[str]:
+        """The body fields the SDK's ``create`` takes by name."""
+        import inspect
 
-            policy = self
-
-            class _SDK(openai.OpenAI):
-                def _should_retry(self, response: Any) -> bool:
-                    header = response.headers.get("x-should-retry")
-                    if header in ("true", "false"):
-                        return header == "true"
-                    return response.status_code in RETRY_STATUSES
-
-                def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
-                                             response_headers: Any = None) -> float:
-                    attempt = max(policy.max_retries - remaining_retries, 0)
-                    value = response_headers.get("retry-after") if response_headers is not None else None
-                    return policy.delay(attempt, _retry_after(value))
-
-            # No key: the SDK insists on one and sends it; "EMPTY" is vLLM's convention for servers
-            # without auth (api.openai.com answers it with a 401 naming the key).
-            self._sdk = _SDK(base_url=self.base_url, api_key=self.api_key or "EMPTY", timeout=self.timeout_s,
-                             max_retries=self.max_retries)
-            self._known = frozenset(inspect.signature(self._sdk.chat.completions.create).parameters) - {
-                "extra_body", "extra_headers", "extra_query", "timeout"}
-        return self._sdk
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry ``attempt + 1`` (as :meth:`ChatClient.delay`)."""
-        return _delay(self.backoff_s, self.max_backoff_s, attempt, retry_after)
+        return frozenset(inspect.signature(self._sdk.chat.completions.create).parameters) - {
+            "extra_body", "extra_headers", "extra_query", "timeout"}
 
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion with retries; the reply as a dict, else raises :class:`ChatClientError`."""
         import openai
 
-        client = self._client()
+        client = self._sdk
         known = {k: v for k, v in body.items() if k in self._known}
         extra = {k: v for k, v in body.items() if k not in self._known}
         try:
@@ -314,12 +292,6 @@ class OpenAIChatClient:
         if not isinstance(out, dict):
             raise ChatClientError(self.url, f"reply is not a JSON object: {str(out)[:120]!r}", 200)
         return out
-
-    def complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """:meth:`post`, and the reply's first choice (a dict whose ``message`` is a dict)."""
-        reply = self.post(body)
-        return reply, _first_choice(self.url, reply)
-
 
 def _sdk_detail(err: Any) -> str:
     """The server's message of an SDK status error: ``error.message`` of a JSON body, else the body."""

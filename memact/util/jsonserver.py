@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,6 +175,29 @@ class _Server(ThreadingHTTPServer):
             log.debug("%s: %s", client_address, err)
         else:
             log.exception("connection from %s failed", client_address)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """From now on `kill PID` stops this process the way Ctrl-C does (a server loading a model
+    calls it before the load)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def serve_until_stopped(server: ThreadingHTTPServer, cleanup: Callable[[], None] | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close the socket and run ``cleanup``."""
+    stop_on_sigterm()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        if cleanup is not None:
+            cleanup()
 
 
 def make_json_server(routes: Routes, host: str = "127.0.0.1", port: int = 0, *, backlog: int = DEFAULT_BACKLOG,
