@@ -30,6 +30,8 @@ setup(
         "pyyaml",
         "numpy",
         "openai>=1.40",  # the client of OpenAI-compatible servers (memact.util.http.OpenAIChatClient)
+        "starlette>=0.40",  # memact serve and memact retrieval-serve: an ASGI app (memact.util.jsonserver)
+        "uvicorn>=0.30",  # ... served by uvicorn, as vllm serve
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="connections the kernel queues before they are accepted (default 1024; capped by "
                    "net.core.somaxconn)")
     p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds a socket read or write may wait before the client is dropped (default 60)")
+                   help="seconds a client has for its request line and headers, and for each read of its body, "
+                   "before it gets a 408 and is dropped (default 60)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for the scripted expert")
     p.add_argument("--objectives", "-k", type=int, default=2, help="scripted: sub-questions per task")
     p.add_argument("--n", type=int, default=16, help="scripted: number of tasks")

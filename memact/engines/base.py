@@ -15,7 +15,7 @@ after each update with one call, whichever engine it runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -68,6 +68,26 @@ class Generation:
 
 class Engine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]: ...
+
+
+TokenCallback = Callable[[int, int], None]
+"""``on_token(i, token_id)``: called as prompt ``i``'s next token is sampled (a streaming engine)."""
+
+
+class StreamsTokens(Protocol):
+    """An engine that reports each token as it is sampled (``streams_tokens = True``): the HF and
+    scripted engines. ``memact serve`` streams their replies token by token; for the others
+    (vLLM's offline engine, a remote server) a streamed reply comes when the turn is done."""
+
+    streams_tokens: bool
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 on_token: TokenCallback | None = None) -> list[Generation]: ...
+
+
+def streams_tokens(engine: object) -> bool:
+    """Whether ``engine.generate`` takes ``on_token`` (:class:`StreamsTokens`)."""
+    return getattr(engine, "streams_tokens", False) is True
 
 
 class SyncsWeights(Protocol):

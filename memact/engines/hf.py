@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from memact.engines.base import Generation, SamplingParams
+from memact.engines.base import Generation, SamplingParams, TokenCallback
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator,
@@ -102,15 +102,20 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    streams_tokens = True
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 on_token: TokenCallback | None = None) -> list[Generation]:
+        """One turn per prompt; ``on_token(i, id)`` (if given) hears each token of prompt ``i`` as it is sampled."""
         slotted = self.continuous_batching and len(prompts) > self.max_batch_size or self._prefix is not None
         if slotted and sampling.max_new_tokens > 0 and self._cache_mergeable is not False:
-            out = self._generate_continuous(prompts, sampling)
+            out = self._generate_continuous(prompts, sampling, on_token)
             if out is not None:
                 return out
         out: list[Generation] = []
         for i in range(0, len(prompts), self.max_batch_size):
-            out.extend(self._generate_batch(prompts[i:i + self.max_batch_size], sampling))
+            shifted = None if on_token is None else (lambda row, tok, i=i: on_token(i + row, tok))
+            out.extend(self._generate_batch(prompts[i:i + self.max_batch_size], sampling, shifted))
         return out
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -129,7 +134,8 @@ class HFEngine:
                     own[name].copy_(tensor)
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams,
+                        on_token: TokenCallback | None = None) -> list[Generation]:
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -157,6 +163,9 @@ class HFEngine:
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 logps = torch.cat([logps, lp[:, None]], dim=1)
                 newly_done = torch.isin(nxt, stop) & ~done
+                if on_token is not None:
+                    for row in (~done).nonzero().flatten().tolist():
+                        on_token(row, int(nxt[row]))
                 lengths_done = done.clone()
                 done = done | newly_done
                 if bool(done.all()):
@@ -179,7 +188,8 @@ class HFEngine:
         return results
 
     @torch.no_grad()
-    def _generate_continuous(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation] | None:
+    def _generate_continuous(self, prompts: list[list[int]], sampling: SamplingParams,
+                             on_token: TokenCallback | None = None) -> list[Generation] | None:
         """Slot-based decoding over more prompts than fit in one batch.
 
         The running rows share one left-padded KV cache (``_Slots``). Each round either admits
@@ -230,6 +240,8 @@ class HFEngine:
                 for i, tok, lp in zip(sampled_rows, nxt.tolist(), lps):
                     out_ids[i].append(tok)
                     out_lps[i].append(lp)
+                    if on_token is not None:
+                        on_token(i, tok)
                 finished = []
                 for i in slots.rows:
                     if out_ids[i][-1] in stop_set:

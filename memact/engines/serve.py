@@ -11,12 +11,12 @@ back as ``tool_calls`` with ``usage`` counts, as ``vllm serve --enable-auto-tool
 --tool-call-parser hermes`` does on GPUs. Concurrent requests are gathered into one engine
 call (``_Batcher``): the HF engine sees a batch, not a queue of single prompts.
 
-The standard library's ``ThreadingHTTPServer`` serves it: no new dependency, fine for
-evaluation and tests. A streamed reply is sent as OpenAI's server-sent chunks once the turn is
-generated (the engine generates a turn whole: the first chunk comes with the last). Its listen backlog (``backlog``) is sized for many
-simultaneous clients and every socket has a timeout (``timeout``), so a stalled client frees
-its thread. A malformed request, a wrong method or route, or a bad header gets a 4xx JSON
-error saying what was wrong; an engine failure a 500; the server keeps running either way.
+It runs on ``memact.util.jsonserver`` (an ASGI application under uvicorn, as vLLM's server). A
+streamed reply is sent as OpenAI's server-sent chunks as the engine samples its tokens (the HF
+and scripted engines report each token; with the others it comes when the turn is done); tool
+calls come whole when the turn ends. A malformed request, a wrong method or route, a bad header
+or a stalled client gets a 4xx JSON error saying what was wrong; an engine failure a 500; the
+server keeps running either way.
 
 ``MODEL_DIR`` may be ``scripted`` / ``scripted-nomem``: the scripted expert, for the tasks
 ``make_tasks(n, objectives, seed)`` (it answers only prompts of tasks it knows).
@@ -28,20 +28,20 @@ import dataclasses
 import json
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from http.server import ThreadingHTTPServer
 from typing import Any
 
-from memact.engines.base import Generation, SamplingParams
-from memact.engines.openai import TOOL_CALL_RE, hermes_calls
-from memact.models.chatml import call_text, render_chat, strip_turn_end
+from memact.engines.base import Generation, SamplingParams, streams_tokens
+from memact.engines.openai import hermes_calls
+from memact.models.chatml import ENDOFTEXT, IM_END, TOOL_CALL_OPEN, call_text, render_chat, strip_turn_end
 from memact.util.jsonserver import (
     DEFAULT_BACKLOG,
     DEFAULT_TIMEOUT_S,
+    JSONServer,
     RequestError,
     Stream,
     make_json_server,
@@ -262,10 +262,11 @@ def parse_request(body: Any, model_name: str, template_renders_tool_calls: bool)
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Content and ``tool_calls`` of a hermes-format assistant turn (like vLLM's hermes parser).
+    """Content and ``tool_calls`` of a hermes-format assistant turn, as vLLM's hermes parser.
 
-    If any ``<tool_call>`` block is not a JSON object with a name, nothing is parsed and the
-    whole text is the content.
+    With calls, the content is the text before the first ``<tool_call>`` (trailing whitespace
+    removed; None if empty) and text after the blocks is dropped. If any block is not a JSON
+    object with a name, nothing is parsed and the whole text is the content.
     """
     text = strip_turn_end(text)
     calls = hermes_calls(text)
@@ -274,7 +275,46 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                    "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
                   for name, args in calls]
-    return TOOL_CALL_RE.sub("", text).strip() or None, tool_calls
+    return text[:text.find(TOOL_CALL_OPEN)].rstrip() or None, tool_calls
+
+
+def reply_message(text: str, tool_choice: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Content and tool calls of the turn ``text`` (cut at a stop string already)."""
+    if tool_choice == "none":
+        return strip_turn_end(text), []
+    return parse_tool_calls(text)
+
+
+def _held(text: str, marks: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``marks``."""
+    for n in range(min(len(text), max((len(m) for m in marks), default=1) - 1), 0, -1):
+        if any(m.startswith(text[-n:]) for m in marks if len(m) > n):
+            return n
+    return 0
+
+
+def _cut(text: str, n: int) -> str:
+    return text[:len(text) - n] if n else text
+
+
+def settled_content(text: str, stops: tuple[str, ...], tool_choice: str) -> str:
+    """The part of the reply's content that no later token can change, for the turn so far ``text``
+    (with no stop string in it): streamed content is always this, so that the joined deltas are
+    the content :func:`reply_message` gives for the whole turn.
+
+    Held back: a suffix that may begin a stop string or an end-of-turn marker, an incomplete
+    character, and, unless ``tool_choice`` is ``none``, a suffix that may begin ``<tool_call>``,
+    trailing whitespace (dropped if a call follows) and everything from ``<tool_call>`` on.
+    """
+    text = text.rstrip("\ufffd")  # the first bytes of a character the next token completes
+    text = _cut(text, _held(text, stops))
+    text = strip_turn_end(_cut(text, _held(text, (IM_END, ENDOFTEXT))))
+    if tool_choice == "none":
+        return text
+    pos = text.find(TOOL_CALL_OPEN)
+    if pos >= 0:
+        return text[:pos].rstrip()
+    return _cut(text, _held(text, (TOOL_CALL_OPEN,))).rstrip()
 
 
 def cut_at_stop(decode: Any, ids: list[int], stops: tuple[str, ...]) -> tuple[str, int] | None:
@@ -299,41 +339,27 @@ def cut_at_stop(decode: Any, ids: list[int], stops: tuple[str, ...]) -> tuple[st
     return text[:pos], lo
 
 
-_PIECES = re.compile(r"\s*\S+\s*|\s+")
-
-
-def reply_chunks(reply: dict[str, Any], include_usage: bool = False) -> list[dict[str, Any]]:
-    """A ``chat.completion`` as the ``chat.completion.chunk`` objects of OpenAI's streaming format.
-
-    The role first, the content word by word, each tool call whole (``index``, ``id``, name and
-    arguments in one delta), then the ``finish_reason``; with ``include_usage`` a last chunk with
-    ``usage`` and no choices. Joining the deltas gives the reply's message back.
-    """
-    base = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"], "model": reply["model"]}
-    choice, message = reply["choices"][0], reply["choices"][0]["message"]
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    chunks += [chunk({"content": piece}) for piece in _PIECES.findall(message.get("content") or "")]
-    for i, call in enumerate(message.get("tool_calls") or []):
-        chunks.append(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                             "function": dict(call["function"])}]}))
-    chunks.append(chunk({}, choice["finish_reason"]))
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": reply["usage"]})
-    return chunks
+def _stop_in(text: str, stops: tuple[str, ...]) -> str | None:
+    """``text`` cut before the first stop string in it, or None if none is."""
+    found = [text.find(s) for s in stops if s in text]
+    return text[:min(found)] if found else None
 
 
 # ----------------------------------------------------------------------------- batching
 
+_DONE = object()
+
 
 class _Batcher:
-    """One thread owns the engine; requests that arrive together go in one ``generate`` call."""
+    """One thread owns the engine; requests that arrive together go in one ``generate`` call.
+
+    A request may bring ``on_token(id)``: with an engine that streams (``streams_tokens``), it is
+    called with each of the request's tokens as it is sampled.
+    """
 
     def __init__(self, engine: Any, max_batch_size: int, gather_s: float = 0.005):
         self.engine = engine
+        self.streams = streams_tokens(engine)
         self.max_batch_size = max_batch_size
         self.gather_s = gather_s
         self._queue: queue.Queue = queue.Queue()
@@ -342,13 +368,15 @@ class _Batcher:
         self._thread = threading.Thread(target=self._run, name="memact-serve-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: list[int], sampling: SamplingParams) -> Generation:
+    def submit(self, prompt: list[int], sampling: SamplingParams,
+               on_token: Callable[[int], None] | None = None) -> Future:
+        """A future of the prompt's :class:`Generation`."""
         fut: Future = Future()
         with self._lock:  # nothing is queued behind the closing sentinel
             if self._closed:
                 raise RuntimeError("the server is shutting down")
-            self._queue.put((prompt, sampling, fut))
-        return fut.result()
+            self._queue.put((prompt, sampling, fut, on_token))
+        return fut
 
     def close(self) -> None:
         with self._lock:
@@ -390,16 +418,29 @@ class _Batcher:
             for item in items:
                 groups.setdefault(dataclasses.astuple(item[1]), []).append(item)
             for group in groups.values():
-                try:
-                    gens = self.engine.generate([p for p, _, _ in group], group[0][1])
-                    for (_, _, fut), gen in zip(group, gens):
-                        fut.set_result(gen)
-                except Exception as err:  # the requests fail, the server goes on
-                    log.exception("engine failed on a batch of %d", len(group))
-                    for _, _, fut in group:
-                        fut.set_exception(err)
+                self._generate(group)
             if closing:
                 return
+
+    def _generate(self, group: list) -> None:
+        prompts, sampling = [p for p, _, _, _ in group], group[0][1]
+        listeners = [cb for _, _, _, cb in group]
+        try:
+            if self.streams and any(listeners):
+                def on_token(i: int, tok: int) -> None:
+                    if listeners[i] is not None:
+                        listeners[i](tok)
+
+                gens = self.engine.generate(prompts, sampling, on_token=on_token)
+            else:
+                gens = self.engine.generate(prompts, sampling)
+            for (_, _, fut, _), gen in zip(group, gens):
+                fut.set_result(gen)
+        except Exception as err:  # the requests fail, the server goes on
+            log.exception("engine failed on a batch of %d", len(group))
+            for _, _, fut, _ in group:
+                if not fut.done():
+                    fut.set_exception(err)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -425,6 +466,11 @@ class ChatBackend:
         self.renders_tool_calls = "tool_calls" in (getattr(tokenizer, "chat_template", None) or "")
         self._batcher = _Batcher(engine, max_batch_size)
 
+    @property
+    def streams_tokens(self) -> bool:
+        """Whether a streamed reply is sent token by token (else when the turn is done)."""
+        return self._batcher.streams
+
     def close(self) -> None:
         self._batcher.close()
 
@@ -437,7 +483,7 @@ class ChatBackend:
         return parse_request(body, self.model_name, self.renders_tool_calls)
 
     def complete(self, body: Any) -> dict[str, Any]:
-        """The ``chat.completion`` reply to a request body (streamed or not, the reply is built whole)."""
+        """The ``chat.completion`` reply to a request body, not streamed."""
         return self.answer(self.parse(body))
 
     def routes(self) -> dict[str, tuple[str, Any]]:
@@ -447,10 +493,12 @@ class ChatBackend:
 
     def _chat(self, body: Any) -> dict[str, Any] | Stream:
         req = self.parse(body)
-        reply = self.answer(req)
-        return Stream(reply_chunks(reply, req.include_usage)) if req.stream else reply
+        if req.stream:
+            prompt, sampling = self._prepare(req)  # a bad request is a 4xx, before the stream begins
+            return Stream(self.stream(req, prompt, sampling))
+        return self.answer(req)
 
-    def answer(self, req: ChatRequest) -> dict[str, Any]:
+    def _prepare(self, req: ChatRequest) -> tuple[list[int], SamplingParams]:
         try:
             text = render_chat(self.tokenizer, req.messages, req.tools, add_generation_prompt=True)
         except Exception as err:  # the template rejected the conversation (e.g. role order)
@@ -463,27 +511,36 @@ class ChatBackend:
                 raise RequestError(400, f"the prompt has {len(prompt)} tokens; the model's context is "
                                         f"{self.max_context}")
             sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
+        return prompt, sampling
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _generation(self, fut: Future) -> Generation:
         try:
-            gen = self._batcher.submit(prompt, sampling)
+            gen = fut.result()
         except Exception as err:
             raise RequestError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
         if gen.error is not None:
             raise RequestError(500, f"generation failed: {gen.error}", "server_error")
-        def decode(ids: list[int]) -> str:
-            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return gen
 
+    def answer(self, req: ChatRequest) -> dict[str, Any]:
+        prompt, sampling = self._prepare(req)
+        try:
+            fut = self._batcher.submit(prompt, sampling)
+        except Exception as err:
+            raise RequestError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
+        gen = self._generation(fut)
         finish = "length" if gen.finish_reason == "length" else "stop"
         n_out = len(gen.output_ids)
-        cut = cut_at_stop(decode, gen.output_ids, req.stop) if req.stop else None
+        cut = cut_at_stop(self._decode, gen.output_ids, req.stop) if req.stop else None
         if cut is not None:
             text, n_out = cut
             finish = "stop"
         else:
-            text = decode(gen.output_ids)
-        if req.tool_choice == "none":
-            content, tool_calls = strip_turn_end(text), []
-        else:
-            content, tool_calls = parse_tool_calls(text)
+            text = self._decode(gen.output_ids)
+        content, tool_calls = reply_message(text, req.tool_choice)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if tool_calls:
             message["tool_calls"] = tool_calls
@@ -492,16 +549,76 @@ class ChatBackend:
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model_name,
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_out, "total_tokens": len(prompt) + n_out},
+            "usage": _usage(len(prompt), n_out),
         }
+
+    def stream(self, req: ChatRequest, prompt: list[int], sampling: SamplingParams) -> Iterator[dict[str, Any]]:
+        """The reply as ``chat.completion.chunk`` objects, content sent as it is generated.
+
+        The role first; then content deltas as the tokens come (only what no later token can
+        change: :func:`settled_content`); when the turn ends, the rest of the content, each tool
+        call whole (``index``, ``id``, name and arguments in one delta) and the ``finish_reason``;
+        with ``include_usage`` a last chunk with ``usage`` and no choices. Joining the deltas
+        gives the message :meth:`answer` gives.
+        """
+        tokens: queue.Queue = queue.Queue()
+        fut = self._batcher.submit(prompt, sampling, tokens.put)
+        fut.add_done_callback(lambda _: tokens.put(_DONE))
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.model_name}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+        yield chunk({"role": "assistant", "content": ""})
+        ids: list[int] = []
+        sent = ""
+        cut: str | None = None  # the turn, cut before a stop string
+        while cut is None:
+            item = tokens.get()
+            if item is _DONE:
+                break
+            ids.append(item)
+            text = self._decode(ids)
+            cut = _stop_in(text, req.stop) if req.stop else None
+            if cut is None:
+                settled = settled_content(text, req.stop, req.tool_choice)
+                if len(settled) > len(sent) and settled.startswith(sent):
+                    yield chunk({"content": settled[len(sent):]})
+                    sent = settled
+        if cut is not None:
+            finish, n_out = "stop", len(ids)
+        else:  # the turn is done: the generation has every id (also those of an engine that does not stream)
+            gen = self._generation(fut)
+            ids, n_out = gen.output_ids, len(gen.output_ids)
+            finish = "length" if gen.finish_reason == "length" else "stop"
+            found = cut_at_stop(self._decode, ids, req.stop) if req.stop else None
+            if found is not None:
+                (cut, n_out), finish = found, "stop"
+        content, tool_calls = reply_message(cut if cut is not None else self._decode(ids), req.tool_choice)
+        content = content or ""
+        if not content.startswith(sent):  # not expected: the text of a prefix of ids is a prefix of the text
+            raise RuntimeError(f"streamed content {sent[-40:]!r} is not a prefix of the reply's content")
+        if len(content) > len(sent):
+            yield chunk({"content": content[len(sent):]})
+        for i, call in enumerate(tool_calls):
+            yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                         "function": dict(call["function"])}]})
+        yield chunk({}, "tool_calls" if tool_calls else finish)
+        if req.include_usage:
+            yield {**base, "choices": [], "usage": _usage(len(prompt), n_out)}
+
+
+def _usage(n_prompt: int, n_out: int) -> dict[str, int]:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
 
 # ----------------------------------------------------------------------------- HTTP
 
 
 def make_server(backend: ChatBackend, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = DEFAULT_BACKLOG,
-                timeout: float = DEFAULT_TIMEOUT_S) -> ThreadingHTTPServer:
-    """A threaded HTTP server for ``backend`` (``memact.util.jsonserver``; port 0 picks a free one:
+                timeout: float = DEFAULT_TIMEOUT_S) -> JSONServer:
+    """An HTTP server for ``backend`` (``memact.util.jsonserver``; port 0 picks a free one:
     ``server.server_address``; ``server.backend`` is ``backend``). ``backlog`` and ``timeout``: see
     :func:`memact.util.jsonserver.make_json_server`."""
     server = make_json_server(backend.routes(), host, port, backlog=backlog, timeout=timeout, name="memact-serve")

@@ -108,7 +108,7 @@ def test_a_server_that_dies_mid_run_marks_episodes_and_the_run_goes_on(corpus_se
     monkeypatch.setattr(retrieval, "HTTP_RETRIES", 1)
     monkeypatch.setattr(retrieval, "HTTP_TIMEOUT_S", 2.0)
     served = Served(index_dir)
-    routes = served.server.RequestHandlerClass.routes
+    routes = served.server.app.routes
     method, retrieve = routes["/retrieve"]
     answered = {"n": 0}
 
