@@ -164,8 +164,9 @@ class HFEngine:
                 logps = torch.cat([logps, lp[:, None]], dim=1)
                 newly_done = torch.isin(nxt, stop) & ~done
                 if on_token is not None:
+                    sampled = nxt.tolist()
                     for row in (~done).nonzero().flatten().tolist():
-                        on_token(row, int(nxt[row]))
+                        on_token(row, sampled[row])
                 lengths_done = done.clone()
                 done = done | newly_done
                 if bool(done.all()):

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from memact.engines.base import Generation, SamplingParams, streams_tokens
+from memact.engines.base import SamplingParams, streams_tokens
 from memact.engines.openai import hermes_calls
 from memact.models.chatml import ENDOFTEXT, IM_END, TOOL_CALL_OPEN, call_text, render_chat, strip_turn_end
 from memact.util.jsonserver import (
@@ -317,32 +317,29 @@ def settled_content(text: str, stops: tuple[str, ...], tool_choice: str) -> str:
     return _cut(text, _held(text, (TOOL_CALL_OPEN,))).rstrip()
 
 
+def _stop_in(text: str, stops: tuple[str, ...]) -> str | None:
+    """``text`` cut before the first stop string in it, or None if none is."""
+    found = [text.find(s) for s in stops if s in text]
+    return text[:min(found)] if found else None
+
+
 def cut_at_stop(decode: Any, ids: list[int], stops: tuple[str, ...]) -> tuple[str, int] | None:
     """The reply cut before the first of ``stops`` and how many of ``ids`` it took, or None.
 
     ``decode(ids) -> str``. The count is the shortest prefix of ``ids`` whose text holds a stop
     string (found by bisection: the text of a prefix is a prefix of the text), as vLLM counts it.
     """
-    text = decode(ids)
-    found = [(text.find(s), s) for s in stops if s in text]
-    if not found:
+    cut = _stop_in(decode(ids), stops)
+    if cut is None:
         return None
-    pos = min(found)[0]
     lo, hi = 1, len(ids)
     while lo < hi:
         mid = (lo + hi) // 2
-        head = decode(ids[:mid])
-        if any(s in head for s in stops):
+        if _stop_in(decode(ids[:mid]), stops) is not None:
             hi = mid
         else:
             lo = mid + 1
-    return text[:pos], lo
-
-
-def _stop_in(text: str, stops: tuple[str, ...]) -> str | None:
-    """``text`` cut before the first stop string in it, or None if none is."""
-    found = [text.find(s) for s in stops if s in text]
-    return text[:min(found)] if found else None
+    return cut, lo
 
 
 # ----------------------------------------------------------------------------- batching
@@ -493,10 +490,7 @@ class ChatBackend:
 
     def _chat(self, body: Any) -> dict[str, Any] | Stream:
         req = self.parse(body)
-        if req.stream:
-            prompt, sampling = self._prepare(req)  # a bad request is a 4xx, before the stream begins
-            return Stream(self.stream(req, prompt, sampling))
-        return self.answer(req)
+        return Stream(self.stream(req)) if req.stream else self.answer(req)
 
     def _prepare(self, req: ChatRequest) -> tuple[list[int], SamplingParams]:
         try:
@@ -516,30 +510,29 @@ class ChatBackend:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _generation(self, fut: Future) -> Generation:
+    def _submit(self, prompt: list[int], sampling: SamplingParams,
+                on_token: Callable[[int], None] | None = None) -> Future:
+        try:
+            return self._batcher.submit(prompt, sampling, on_token)
+        except Exception as err:
+            raise RequestError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
+
+    def _turn(self, fut: Future, stops: tuple[str, ...]) -> tuple[str, int, str]:
+        """The finished turn: its text (cut before a stop string), its token count and ``finish_reason``."""
         try:
             gen = fut.result()
         except Exception as err:
             raise RequestError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
         if gen.error is not None:
             raise RequestError(500, f"generation failed: {gen.error}", "server_error")
-        return gen
+        cut = cut_at_stop(self._decode, gen.output_ids, stops) if stops else None
+        if cut is not None:
+            return cut[0], cut[1], "stop"
+        return self._decode(gen.output_ids), len(gen.output_ids), "length" if gen.finish_reason == "length" else "stop"
 
     def answer(self, req: ChatRequest) -> dict[str, Any]:
         prompt, sampling = self._prepare(req)
-        try:
-            fut = self._batcher.submit(prompt, sampling)
-        except Exception as err:
-            raise RequestError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
-        gen = self._generation(fut)
-        finish = "length" if gen.finish_reason == "length" else "stop"
-        n_out = len(gen.output_ids)
-        cut = cut_at_stop(self._decode, gen.output_ids, req.stop) if req.stop else None
-        if cut is not None:
-            text, n_out = cut
-            finish = "stop"
-        else:
-            text = self._decode(gen.output_ids)
+        text, n_out, finish = self._turn(self._submit(prompt, sampling), req.stop)
         content, tool_calls = reply_message(text, req.tool_choice)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if tool_calls:
@@ -552,18 +545,23 @@ class ChatBackend:
             "usage": _usage(len(prompt), n_out),
         }
 
-    def stream(self, req: ChatRequest, prompt: list[int], sampling: SamplingParams) -> Iterator[dict[str, Any]]:
+    def stream(self, req: ChatRequest) -> Iterator[dict[str, Any]]:
         """The reply as ``chat.completion.chunk`` objects, content sent as it is generated.
 
-        The role first; then content deltas as the tokens come (only what no later token can
-        change: :func:`settled_content`); when the turn ends, the rest of the content, each tool
-        call whole (``index``, ``id``, name and arguments in one delta) and the ``finish_reason``;
+        The request is rendered and queued now (a bad one raises here, before any chunk). The
+        role first; then content deltas as the tokens come (only what no later token can change:
+        :func:`settled_content`); when the turn ends, the rest of the content, each tool call
+        whole (``index``, ``id``, name and arguments in one delta) and the ``finish_reason``;
         with ``include_usage`` a last chunk with ``usage`` and no choices. Joining the deltas
         gives the message :meth:`answer` gives.
         """
+        prompt, sampling = self._prepare(req)
         tokens: queue.Queue = queue.Queue()
-        fut = self._batcher.submit(prompt, sampling, tokens.put)
+        fut = self._submit(prompt, sampling, tokens.put)
         fut.add_done_callback(lambda _: tokens.put(_DONE))
+        return self._chunks(req, len(prompt), fut, tokens)
+
+    def _chunks(self, req: ChatRequest, n_prompt: int, fut: Future, tokens: queue.Queue) -> Iterator[dict[str, Any]]:
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_name}
 
@@ -586,16 +584,11 @@ class ChatBackend:
                 if len(settled) > len(sent) and settled.startswith(sent):
                     yield chunk({"content": settled[len(sent):]})
                     sent = settled
-        if cut is not None:
-            finish, n_out = "stop", len(ids)
-        else:  # the turn is done: the generation has every id (also those of an engine that does not stream)
-            gen = self._generation(fut)
-            ids, n_out = gen.output_ids, len(gen.output_ids)
-            finish = "length" if gen.finish_reason == "length" else "stop"
-            found = cut_at_stop(self._decode, ids, req.stop) if req.stop else None
-            if found is not None:
-                (cut, n_out), finish = found, "stop"
-        content, tool_calls = reply_message(cut if cut is not None else self._decode(ids), req.tool_choice)
+        if cut is not None:  # a stop string: the turn ends at the token that completed it
+            text, n_out, finish = cut, len(ids), "stop"
+        else:  # the generation has every id (also those of an engine that does not stream)
+            text, n_out, finish = self._turn(fut, req.stop)
+        content, tool_calls = reply_message(text, req.tool_choice)
         content = content or ""
         if not content.startswith(sent):  # not expected: the text of a prefix of ids is a prefix of the text
             raise RuntimeError(f"streamed content {sent[-40:]!r} is not a prefix of the reply's content")
@@ -606,7 +599,7 @@ class ChatBackend:
                                          "function": dict(call["function"])}]})
         yield chunk({}, "tool_calls" if tool_calls else finish)
         if req.include_usage:
-            yield {**base, "choices": [], "usage": _usage(len(prompt), n_out)}
+            yield {**base, "choices": [], "usage": _usage(n_prompt, n_out)}
 
 
 def _usage(n_prompt: int, n_out: int) -> dict[str, int]:

@@ -71,30 +71,19 @@ def error_body(status: int, message: str, kind: str | None = None) -> bytes:
 # ----------------------------------------------------------------------------- the application
 
 
-class _Timeout(Exception):
-    pass
-
-
 class _ClientGone(Exception):
     pass
 
 
 class JSONApp:
-    """The ASGI application of a route table (what uvicorn runs; usable in any ASGI server)."""
+    """The ASGI application of a route table (what uvicorn runs; it answers ``http`` scopes only,
+    so an ASGI server must run it with lifespan off, as :class:`JSONServer` does)."""
 
     def __init__(self, routes: Routes, timeout: float = DEFAULT_TIMEOUT_S):
         self.routes = dict(routes)
         self.timeout = float(timeout)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
             return
         from starlette.requests import Request
@@ -104,9 +93,6 @@ class JSONApp:
             response = await self._respond(request)
         except _ClientGone:
             return
-        except _Timeout:
-            response = _json(408, error_body(408, f"no data for {self.timeout:g} s: the request timed out"),
-                             {"connection": "close"})
         except RequestError as err:  # closed after: a body not read must not be parsed as the next request
             headers = {"connection": "close", **({"allow": err.allow} if isinstance(err, _MethodNotAllowed) else {})}
             response = _json(err.status, error_body(err.status, err.message, err.kind), headers)
@@ -151,7 +137,7 @@ class JSONApp:
             try:
                 message = await asyncio.wait_for(request.receive(), self.timeout)
             except TimeoutError:
-                raise _Timeout from None
+                raise RequestError(408, f"no data for {self.timeout:g} s: the request timed out") from None
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             raw += message.get("body", b"")

@@ -97,7 +97,7 @@ def test_the_joined_stream_is_the_whole_reply(tokenizer, pieces, stop, tool_choi
     try:
         req = backend.parse(body)
         whole = backend.answer(req)
-        chunks = list(backend.stream(req, *backend._prepare(req)))
+        chunks = list(backend.stream(req))
     finally:
         backend.close()
     message = whole["choices"][0]["message"]
@@ -132,7 +132,7 @@ def test_an_engine_that_does_not_stream_sends_the_turn_when_it_is_done(tokenizer
     try:
         assert not streams_tokens(Whole()) and not backend.streams_tokens
         req = backend.parse({"model": "fixed", "messages": MESSAGES, "stream": True})
-        chunks = list(backend.stream(req, *backend._prepare(req)))
+        chunks = list(backend.stream(req))
     finally:
         backend.close()
     assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "Jade, I think.", None]
