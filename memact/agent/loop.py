@@ -28,8 +28,8 @@ class Episode:
         self.task = task
         self.renderer = renderer
         self.strategy = strategy
-        self.env = AgentEnv(task, seed=seed, memory_tool=strategy.memory_tool, budget=budget)
-        system = SYSTEM_PROMPT if strategy.memory_tool else SYSTEM_PROMPT_NO_MEMORY
+        self.env: AgentEnv = task.make_env(seed=seed, memory_tool=strategy.memory_tool, budget=budget)
+        system = self.env.system_prompt or (SYSTEM_PROMPT if strategy.memory_tool else SYSTEM_PROMPT_NO_MEMORY)
         self.head_ids = renderer.head_ids(system, self.env.user_text(), self.env.tools)
         self._summary_request_ids = renderer.encode(f"{IM_START}user\n{SUMMARY_REQUEST}{IM_END}\n")
         self.summarizing = False

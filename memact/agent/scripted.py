@@ -151,8 +151,17 @@ class ScriptedExpert:
 
 
 def scripted_expert(spec: str, tasks: list[Task], seed: int = 0, memory: bool | None = None) -> ScriptedExpert:
-    """The expert a policy spec names (one of ``SCRIPTED``); ``memory`` overrides whether it prunes."""
+    """The expert a policy spec names (one of ``SCRIPTED``); ``memory`` overrides whether it prunes.
+
+    History tasks (``memact.env.history``) get the history expert (``memact.agent.scripted_history``);
+    its no-memory variant never prunes."""
     if spec not in SCRIPTED:
         raise ValueError(f"not a scripted policy: {spec!r} (one of {', '.join(SCRIPTED)})")
     memory = spec != "scripted-nomem" if memory is None else memory
+    from memact.env.history import HistoryTask
+
+    if tasks and all(isinstance(t, HistoryTask) for t in tasks):
+        from memact.agent.scripted_history import NEVER, HistoryExpert
+
+        return HistoryExpert() if memory else HistoryExpert(hold=NEVER)
     return ScriptedExpert(tasks, memory=memory, seed=seed, plan=spec == "scripted-plan")

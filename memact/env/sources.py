@@ -10,6 +10,8 @@ training config):
 - ``hotpotqa:PATH``: a local file in the HotpotQA schema (.json, .jsonl or .parquet).
 - ``qa:PATH``: a JSONL file of questions in memact's own format (docs/data.md), for any
   multi-objective QA data.
+- ``history:PATH``: research histories (``memact research histories``; :mod:`memact.env.history`):
+  a task replays ``4 K`` experiments of a run to curate; runs split into ``train`` and ``eval`` by id.
 
 File sources join K questions into one task (as MEM1 and MemAct build multi-objective
 questions) and split their questions into ``train`` and ``eval`` by a hash of the question id,
@@ -34,7 +36,7 @@ LONG_DOC_WORDS = 100
 SPLITS = ("train", "eval", "all")
 EVAL_PERCENT = 20
 """Share of a file's questions (by id hash) in the ``eval`` split."""
-SPEC_HELP = "synthetic | long[:WORDS] | hotpotqa:PATH | qa:PATH"
+SPEC_HELP = "synthetic | long[:WORDS] | hotpotqa:PATH | qa:PATH | history:PATH"
 RETRIEVAL_HELP = "task | index:DIR | http:URL"  # memact.env.retrieval
 
 
@@ -251,6 +253,15 @@ class TaskSource:
             _FILES[key] = (by_split, build_corpus(rows))
         return _FILES[key]
 
+    def histories(self, split: str = "all") -> list[dict[str, Any]]:
+        """The runs of a ``history`` source in ``split`` (the file read and checked whole)."""
+        from memact.env.history import history_split, load_histories
+
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+        runs = load_histories(self.path)
+        return runs if split == "all" else [r for r in runs if history_split(r["id"], self.eval_percent) == split]
+
     def questions(self, split: str = "all") -> list[QARow]:
         """The questions of a file source in ``split``."""
         if split not in SPLITS:
@@ -266,6 +277,10 @@ class TaskSource:
             return make_tasks(n, k, seed)
         if self.kind == "long":
             return make_tasks(n, k, seed, doc_words=self.doc_words)
+        if self.kind == "history":
+            from memact.env.history import history_tasks
+
+            return history_tasks(self.histories(split), n, k, seed, f"history-{split}")
         rows = self.questions(split)
         corpus = self._file()[1]
         tasks = join_questions(rows, k, n, seed, corpus, self.kind, f"{self.kind}-{split}")
@@ -307,7 +322,10 @@ def source_from_args(args: Any, command: str) -> TaskSource:
     checked whole now; a bad spec or file stops ``memact COMMAND`` with one line naming it."""
     try:
         source = parse_source(args.data, getattr(args, "retrieval", None))
-        if source.path:
+        if source.kind == "history":
+            if not source.histories(args.split):
+                raise ValueError(f"no runs in the {args.split} split")
+        elif source.path:
             source.questions(args.split)
     except (ValueError, OSError) as err:
         raise SystemExit(f"memact {command}: --data {args.data!r}: {err}") from None
@@ -329,7 +347,7 @@ def _parse(spec: str | None) -> TaskSource:
         if words < 1:
             raise ValueError(f"task source {spec!r}: long:WORDS needs a positive whole number of words, got {arg!r}")
         return TaskSource("long", doc_words=words)
-    if kind in _READERS:
+    if kind in _READERS or kind == "history":
         if not arg:
             raise ValueError(f"task source {spec!r}: {kind}:PATH needs a file path")
         if not Path(arg).is_file():

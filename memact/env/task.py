@@ -16,6 +16,7 @@ import random
 import re
 import string
 from dataclasses import dataclass, field
+from typing import Any
 
 from memact.util.safejson import MAX_DEPTH, nesting_depth
 from memact.util.seeds import derive_seed
@@ -122,6 +123,13 @@ class Task:
 
     def gold(self) -> dict[str, str]:
         return {q.key: q.answer for q in self.questions}
+
+    def make_env(self, seed: int = 0, memory_tool: bool = True, budget: Any = None) -> Any:
+        """This task's episode environment (a :class:`memact.env.tools.AgentEnv`; other task families
+        bring their own, e.g. :class:`memact.env.history.HistoryEnv`)."""
+        from memact.env.tools import AgentEnv
+
+        return AgentEnv(self, seed=seed, memory_tool=memory_tool, budget=budget)
 
     def find_answer(self, key: str, text: str) -> str | None:
         """The answer to sub-question ``key`` if ``text`` states it (used by the scripted expert)."""

@@ -131,6 +131,9 @@ class AgentEnv:
         budget: context and step limits.
     """
 
+    system_prompt: str | None = None
+    """The system prompt of this task family; None: the agent layer's search-agent prompt."""
+
     def __init__(self, task: Task, seed: int = 0, memory_tool: bool = True, budget: Budget | None = None):
         self.task = task
         self.memory_tool = memory_tool

@@ -56,6 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0, help="seed of the mutate proposer and the record ids")
     run.set_defaults(func=cmd_run)
 
+    hist = sub.add_parser("histories", help="experiment histories on the surrogate template, for the memory "
+                          "policy's history tasks (--data history:FILE)")
+    hist.add_argument("--out", required=True, help="JSONL file to write (one run a line; docs/research.md)")
+    hist.add_argument("--runs", type=int, default=40, help="runs to make (default 40)")
+    hist.add_argument("--experiments", type=int, default=60, help="experiments a run (default 60)")
+    hist.add_argument("--seed", type=int, default=0, help="run i is seeded from the 'history' stream of this seed")
+    hist.set_defaults(func=cmd_histories)
+
     plot = sub.add_parser("plot", help="redraw progress.png and context.png from the workspace's logs")
     plot.add_argument("dir")
     plot.set_defaults(func=cmd_plot)
@@ -100,6 +108,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return loop.run()
+
+
+def cmd_histories(args: argparse.Namespace) -> int:
+    from memact.research.histories import write_histories
+
+    if args.runs < 1 or args.experiments < 1:
+        print(f"error: --runs and --experiments must be >= 1, got {args.runs} and {args.experiments}", file=sys.stderr)
+        return 2
+    runs = write_histories(args.out, args.runs, args.experiments, args.seed)
+    statuses = [e["status"] for r in runs for e in r["experiments"]]
+    print(f"{args.out}: {len(runs)} runs x {args.experiments} experiments "
+          f"({statuses.count('keep')} keep, {statuses.count('discard')} discard, {statuses.count('crash')} crash)")
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from memact.env.history import experiment_line
 from memact.env.memory import IdSource, MemoryActionError, Record, WorkingMemory
 from memact.research.endpoint import Endpoint, EndpointError
 from memact.research.proposers import find_constants
@@ -75,8 +76,8 @@ class Outcome:
     commit: str = ""
 
     def line(self, record_id: str) -> str:
-        bpb = "crash" if self.val_bpb is None else f"{self.val_bpb:.4f}"
-        return f"[{record_id}] exp {self.experiment} {self.status} val_bpb={bpb} | {self.description} | {self.diff}"
+        return f"[{record_id}] " + experiment_line(self.experiment, self.status, self.val_bpb, self.description,
+                                                   self.diff)
 
 
 class ResearchMemory:

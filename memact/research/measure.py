@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from memact.research.proposers import change_key
+from memact.env.history import change_key
 from memact.research.workspace import CONTEXT_FILE, RESULTS_FILE
 
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from memact.env.history import read_context
 from memact.research.endpoint import Endpoint
 
 
@@ -170,71 +171,6 @@ class MutateProposer:
 # ---- The context-reading proposer -----------------------------------------------------------
 
 GRID = (1.25, 1.6, 2.5)  # the factors a context proposer moves a constant by, up or down
-_RECORD_RE = re.compile(r"exp (\d+) (\w+) val_bpb=(\S+) \| (.*?) \| ")
-_MOVE_RE = re.compile(r"\b([A-Z][A-Z_]+) (\S+) -> ([^;|\s]+)")
-_KEPT_TRIED_RE = re.compile(r"\b([A-Z][A-Z_]+) (\d+)/(\d+)")
-
-
-def change_key(description: str) -> frozenset[tuple[str, str]]:
-    """What an experiment set: ``{(CONSTANT, new value)}`` from ``NAME old -> new`` moves."""
-    return frozenset((name, new) for name, _, new in _MOVE_RE.findall(description))
-
-
-def move_key(description: str) -> frozenset[tuple[str, str, str]]:
-    """The moves of an experiment: ``{(CONSTANT, old value, new value)}``."""
-    return frozenset(_MOVE_RE.findall(description))
-
-
-@dataclass
-class Seen:
-    """What a context shows: the moves tried, the moves that were kept and those that crashed,
-    and a note's kept/tried counts per constant."""
-
-    tried: set[frozenset[tuple[str, str, str]]]
-    helped: list[tuple[str, int]]  # (constant, +1 up / -1 down) of kept moves, oldest first
-    crashed: dict[tuple[str, int], float]  # (constant, direction) -> the least extreme value that crashed
-    kept_tried: dict[str, tuple[int, int]]
-
-
-def _direction(old: str, new: str) -> int | None:
-    try:
-        return 1 if float(new) > float(old) else -1
-    except ValueError:
-        return None
-
-
-def read_context(context_text: str) -> Seen:
-    """The experiments and notes a context shows, and nothing else: experiment records (their
-    moves, kept or crashed) and, in a heuristic note, the kept/tried counts and the kept moves."""
-    seen = Seen(set(), [], {}, {})
-    for line in context_text.splitlines():
-        m = _RECORD_RE.search(line)
-        if m:
-            status, description = m.group(2), m.group(4)
-            moves = _MOVE_RE.findall(description)
-            if not moves:
-                continue
-            seen.tried.add(frozenset(moves))
-            for name, old, new in moves:
-                up = _direction(old, new)
-                if up is None:
-                    continue
-                if status == "keep":
-                    seen.helped.append((name, up))
-                elif status == "crash":
-                    worst = seen.crashed.get((name, up))
-                    value = float(new)
-                    seen.crashed[(name, up)] = value if worst is None else (min if up > 0 else max)(worst, value)
-        elif "note:" in line:
-            counts = line.split("kept/tried:", 1)[1].split(";", 1)[0] if "kept/tried:" in line else ""
-            for name, kept, tried in _KEPT_TRIED_RE.findall(counts):
-                seen.kept_tried[name] = (int(kept), int(tried))
-            kept = line.split("kept:", 1)[1] if "; kept:" in line else ""
-            for name, old, new in _MOVE_RE.findall(kept.split("earlier notes:", 1)[0]):
-                up = _direction(old, new)
-                if up is not None:
-                    seen.helped.append((name, up))
-    return seen
 
 
 class ContextProposer:

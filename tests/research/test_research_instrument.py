@@ -9,8 +9,9 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memact.env.history import move_key, read_context
 from memact.research.measure import measure_workspace
-from memact.research.proposers import ContextProposer, move_key, read_context
+from memact.research.proposers import ContextProposer
 from memact.research.workspace import init_workspace, template_dir
 
 
