@@ -24,7 +24,7 @@ KEEP_LAST = 1
 KEEP_KEPT = 3
 KEEP_TRIED = 3
 KEEP_CRASHED = 3
-MAX_NOTE_CHARS = 600  # about 400 tokens of the tiny tokenizer: the note fits a 512-token turn
+MAX_NOTE_CHARS = 400  # about 360 tokens of the tiny tokenizer (1.1 characters a token here): the call fits 512
 
 
 class HistoryExpert:
