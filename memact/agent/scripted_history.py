@@ -15,7 +15,7 @@ than ``MAX_NOTE_CHARS``. It sees only the decoded prompt, as a model would.
 from __future__ import annotations
 
 from memact.agent.scripted import parse_prompt
-from memact.env.history import MOVE_RE, RECORD_RE, baseline_of, direction
+from memact.env.history import MOVE_RE, Experiment, baseline_of, current_config, direction, experiments_in
 from memact.models.chatml import call_text
 
 HOLD = 3
@@ -24,7 +24,7 @@ KEEP_LAST = 1
 KEEP_KEPT = 3
 KEEP_TRIED = 3
 KEEP_CRASHED = 3
-MAX_NOTE_CHARS = 400  # about 360 tokens of the tiny tokenizer (1.1 characters a token here): the call fits 512
+MAX_NOTE_CHARS = 400  # 313 tokens of the tiny tokenizer for 400 characters of compact lines: the call fits 512
 
 
 class HistoryExpert:
@@ -43,32 +43,24 @@ class HistoryExpert:
 
     def __call__(self, prompt: str) -> str:
         task_text, records = parse_prompt(prompt)
-        exps = [r for r in records if r.tool == "next_experiment" and RECORD_RE.search(r.response)]
+        exps = [r for r in records if r.tool == "next_experiment" and experiments_in(r.response)]
         if len(exps) < self.hold:
             return call_text("next_experiment", {})
         kept = exps[-self.keep_last:] if self.keep_last else []
         folded = [r for r in records if r not in kept]
-        entries: dict[int, tuple[str, str, str]] = {}  # experiment -> (status, val_bpb, description)
+        entries: dict[int, Experiment] = {}
         for r in folded:
             text = str(r.arguments.get("memory", "")) if r.tool == "prune_context" else r.response
-            for m in RECORD_RE.finditer(text):
-                entries[int(m.group(1))] = (m.group(2), m.group(3), m.group(4))
-        visible = dict(entries)
-        for r in kept:
-            m = RECORD_RE.search(r.response)
-            visible[int(m.group(1))] = (m.group(2), m.group(3), m.group(4))
-        config = baseline_of(task_text)
-        for n in sorted(visible):
-            status, _, description = visible[n]
-            if status == "keep":
-                config.update({name: new for name, _, new in MOVE_RE.findall(description)})
+            entries.update((e.experiment, e) for e in experiments_in(text))
+        visible = {**entries, **{e.experiment: e for r in kept for e in experiments_in(r.response)}}
+        config = current_config(baseline_of(task_text), [visible[n] for n in sorted(visible)])
         keep, crash, tried = [], {}, []
         for n in sorted(entries):
-            status, _, description = entries[n]
-            moves = MOVE_RE.findall(description)
-            if status == "keep":
+            e = entries[n]
+            moves = MOVE_RE.findall(e.description)
+            if e.status == "keep":
                 keep.append(n)
-            elif status == "crash" and moves:  # the least extreme crash of each constant and direction
+            elif e.status == "crash" and moves:  # the least extreme crash of each constant and direction
                 name, old, new = moves[0]
                 up = direction(old, new) or 0
                 best = crash.get((name, up))
@@ -76,8 +68,8 @@ class HistoryExpert:
                     crash[(name, up)] = (n, new)
             elif moves and all(config.get(k) == old for k, old, _ in moves):
                 tried.append(n)
-        chosen = sorted(keep[-self.keep_kept:] + sorted(n for n, _ in crash.values())[-KEEP_CRASHED:] + tried[-self.keep_tried:])
-        note = [f"exp {n} {entries[n][0]} val_bpb={entries[n][1]} | {entries[n][2]} |" for n in chosen]
+        crashed = sorted(n for n, _ in crash.values())[-KEEP_CRASHED:]
+        note = [entries[n].compact() for n in sorted(keep[-self.keep_kept:] + crashed + tried[-self.keep_tried:])]
         while len(" ".join(note)) > MAX_NOTE_CHARS and len(note) > 1:
             note.pop(0)  # the oldest entries go first
         return call_text("prune_context", {"memory": " ".join(note) or "nothing to keep",

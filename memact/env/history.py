@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,16 +42,12 @@ MOVE_RE = re.compile(r"\b([A-Z][A-Z_]+) (\S+) -> ([^;|\s]+)")
 _KEPT_TRIED_RE = re.compile(r"\b([A-Z][A-Z_]+) (\d+)/(\d+)")
 
 
-def experiment_line(experiment: int, status: str, val_bpb: float | None, description: str, diff: str) -> str:
-    """``exp N STATUS val_bpb=X | description | diff``: how the history shows one experiment."""
+def experiment_line(experiment: int, status: str, val_bpb: float | None, description: str, diff: str | None) -> str:
+    """``exp N STATUS val_bpb=X | description | diff``: how the history shows one experiment; with
+    ``diff`` None, the compact line a note may copy (``exp N STATUS val_bpb=X | description |``)."""
     bpb = "crash" if val_bpb is None else f"{val_bpb:.4f}"
-    return f"exp {experiment} {status} val_bpb={bpb} | {description} | {diff}"
-
-
-def compact_line(experiment: int, status: str, val_bpb: float | None, description: str) -> str:
-    """An experiment as a note may keep it: the line without its diff (``exp N STATUS val_bpb=X | desc |``)."""
-    bpb = "crash" if val_bpb is None else f"{val_bpb:.4f}"
-    return f"exp {experiment} {status} val_bpb={bpb} | {description} |"
+    line = f"exp {experiment} {status} val_bpb={bpb} | {description} |"
+    return line if diff is None else f"{line} {diff}"
 
 
 def change_key(description: str) -> frozenset[tuple[str, str]]:
@@ -135,7 +130,20 @@ class Experiment:
         return experiment_line(self.experiment, self.status, self.val_bpb, self.description, self.diff)
 
     def compact(self) -> str:
-        return compact_line(self.experiment, self.status, self.val_bpb, self.description)
+        return experiment_line(self.experiment, self.status, self.val_bpb, self.description, None)
+
+
+def experiments_in(text: str) -> list[Experiment]:
+    """Every experiment line in ``text`` (records and the compact lines a note copies), in order."""
+    out = []
+    for m in RECORD_RE.finditer(text):
+        bpb = m.group(3)
+        try:
+            value = None if bpb == "crash" else float(bpb)
+        except ValueError:
+            continue
+        out.append(Experiment(int(m.group(1)), m.group(2), value, m.group(4)))
+    return out
 
 
 def current_config(baseline: dict[str, str], experiments: list[Experiment]) -> dict[str, str]:
@@ -251,18 +259,16 @@ class HistoryEnv(AgentEnv):
         """The records as the proposer reads them: experiment lines, and each note as ``note: TEXT``."""
         return "\n".join(record_text(r) for r in self.memory.records)
 
-    def step(self, action, assistant_text: str = "") -> StepResult:
-        if action.kind == "tool" and action.name == "next_experiment":
-            return self._next(assistant_text)
-        if action.kind == "final":
-            return self._error("there is no answer to give: call next_experiment until none is left",
-                               assistant_text)
-        if action.kind == "tool" and action.name == "search":
-            return self._error("unknown tool 'search'; available tools: "
-                               + ", ".join(t["name"] for t in self.tools), assistant_text)
-        return super().step(action, assistant_text)
+    def _handlers(self) -> dict[str, Any]:
+        handlers = {"next_experiment": self._next}
+        if self.memory_tool:
+            handlers["prune_context"] = self._prune
+        return handlers
 
-    def _next(self, assistant_text: str) -> StepResult:
+    def _final(self, assistant_text: str) -> StepResult:
+        return self._error("there is no answer to give: call next_experiment until none is left", assistant_text)
+
+    def _next(self, arguments: dict[str, Any], assistant_text: str) -> StepResult:
         done = self.task.experiments[:self.delivered]
         if done:  # what a proposer would read before proposing the next experiment
             self.checkpoints.append(context_worth(self.context_text(), truth_after(self.task.baseline, done)))
@@ -340,11 +346,6 @@ def baseline_of(task_text: str) -> dict[str, str]:
     """The baseline configuration a history task's text states (``Baseline: A=1 B=2;``)."""
     m = re.search(r"Baseline: ([^;]*);", task_text)
     return dict(re.findall(r"([A-Z][A-Z_]+)=(\S+)", m.group(1))) if m else {}
-
-
-def history_split(run_id: str, eval_percent: int) -> str:
-    """``eval`` for about ``eval_percent`` % of run ids (by hash), ``train`` for the rest."""
-    return "eval" if zlib.crc32(run_id.encode()) % 100 < eval_percent else "train"
 
 
 def history_tasks(runs: list[dict[str, Any]], n: int, k: int, seed: int, source: str) -> list[HistoryTask]:

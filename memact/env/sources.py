@@ -255,12 +255,12 @@ class TaskSource:
 
     def histories(self, split: str = "all") -> list[dict[str, Any]]:
         """The runs of a ``history`` source in ``split`` (the file read and checked whole)."""
-        from memact.env.history import history_split, load_histories
+        from memact.env.history import load_histories
 
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
         runs = load_histories(self.path)
-        return runs if split == "all" else [r for r in runs if history_split(r["id"], self.eval_percent) == split]
+        return runs if split == "all" else [r for r in runs if split_of(r["id"], self.eval_percent) == split]
 
     def questions(self, split: str = "all") -> list[QARow]:
         """The questions of a file source in ``split``."""

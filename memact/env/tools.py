@@ -169,16 +169,25 @@ class AgentEnv:
     def step(self, action: Action, assistant_text: str = "") -> StepResult:
         """Apply one action. Never raises for a bad action: it becomes an error response."""
         if action.kind == "final":
-            self.answer = parse_final_answer(assistant_text)
-            return StepResult(None, kind="final", done=True)
+            return self._final(assistant_text)
         if action.kind == "invalid":
             return self._error(action.error, assistant_text)
-        if action.name == "search":
-            return self._search(action.arguments, assistant_text)
-        if action.name == "prune_context" and self.memory_tool:
-            return self._prune(action.arguments, assistant_text)
+        handler = self._handlers().get(action.name)
+        if handler is not None:
+            return handler(action.arguments, assistant_text)
         names = ", ".join(t["name"] for t in self.tools)
         return self._error(f"unknown tool {action.name!r}; available tools: {names}", assistant_text)
+
+    def _handlers(self) -> dict[str, Any]:
+        """Tool name -> ``handler(arguments, assistant_text)``, one for each tool in :attr:`tools`."""
+        handlers = {"search": self._search}
+        if self.memory_tool:
+            handlers["prune_context"] = self._prune
+        return handlers
+
+    def _final(self, assistant_text: str) -> StepResult:
+        self.answer = parse_final_answer(assistant_text)
+        return StepResult(None, kind="final", done=True)
 
     def add_record(self, text: str, assistant_text: str, kind: str, **meta: Any) -> StepResult:
         """Append a record with a new id (used by strategies that edit the context)."""

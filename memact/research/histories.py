@@ -7,6 +7,7 @@ memory, no budget), so the logs are those of a run that forgot nothing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -23,7 +24,9 @@ from memact.util.seeds import derive_seed
 BASELINE_RUNS = 3
 
 
+@functools.cache
 def _surrogate() -> Any:
+    """The surrogate template's prepare.py (its response surface), loaded once."""
     path = os.path.join(template_dir("surrogate"), "prepare.py")
     spec = importlib.util.spec_from_file_location("memact_surrogate_prepare", path)
     module = importlib.util.module_from_spec(spec)
