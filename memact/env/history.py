@@ -259,11 +259,8 @@ class HistoryEnv(AgentEnv):
         """The records as the proposer reads them: experiment lines, and each note as ``note: TEXT``."""
         return "\n".join(record_text(r) for r in self.memory.records)
 
-    def _handlers(self) -> dict[str, Any]:
-        handlers = {"next_experiment": self._next}
-        if self.memory_tool:
-            handlers["prune_context"] = self._prune
-        return handlers
+    def _task_handlers(self) -> dict[str, Any]:
+        return {"next_experiment": self._next}
 
     def _final(self, assistant_text: str) -> StepResult:
         return self._error("there is no answer to give: call next_experiment until none is left", assistant_text)

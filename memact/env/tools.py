@@ -179,11 +179,16 @@ class AgentEnv:
         return self._error(f"unknown tool {action.name!r}; available tools: {names}", assistant_text)
 
     def _handlers(self) -> dict[str, Any]:
-        """Tool name -> ``handler(arguments, assistant_text)``, one for each tool in :attr:`tools`."""
-        handlers = {"search": self._search}
+        """Tool name -> ``handler(arguments, assistant_text)``, one for each tool in :attr:`tools`:
+        the task family's own, then ``prune_context`` when the memory tool is offered."""
+        handlers = self._task_handlers()
         if self.memory_tool:
             handlers["prune_context"] = self._prune
         return handlers
+
+    def _task_handlers(self) -> dict[str, Any]:
+        """The task family's tools (QA: ``search``)."""
+        return {"search": self._search}
 
     def _final(self, assistant_text: str) -> StepResult:
         self.answer = parse_final_answer(assistant_text)
