@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objectives", "-k", type=int, default=2, help="scripted: sub-questions per task")
     p.add_argument("--n", type=int, default=16, help="scripted: number of tasks")
     p.add_argument("--seed", type=int, default=0, help="scripted: task seed")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="scripted: the task source the expert answers for (default synthetic; history:FILE "
+                        "serves the history expert, the research agent's --memory policy:scripted)")
     p.set_defaults(func=run)
 
 
@@ -53,7 +56,7 @@ def build_server(args: argparse.Namespace):
 
     backend = load_backend(args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                            max_batch_size=args.max_batch_size, tokenizer_dir=args.tokenizer,
-                           objectives=args.objectives, n=args.n, seed=args.seed)
+                           objectives=args.objectives, n=args.n, seed=args.seed, data=args.data)
     return make_server(backend, args.host, args.port, backlog=args.backlog, timeout=args.timeout)
 
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_backend(model: str, *, served_model_name: str | None = None, dtype: str = "float32",
                  max_batch_size: int = 32, tokenizer_dir: str | None = None, objectives: int = 2, n: int = 16,
-                 seed: int = 0) -> ChatBackend:
+                 seed: int = 0, data: str | None = None) -> ChatBackend:
     """A backend for ``memact serve MODEL``: a model directory (HF engine) or a scripted expert."""
     from memact.agent.scripted import SCRIPTED
     from memact.engines.serve import ChatBackend
@@ -81,11 +84,15 @@ def load_backend(model: str, *, served_model_name: str | None = None, dtype: str
         from memact.agent.rollout import default_tokenizer
         from memact.agent.scripted import scripted_expert
         from memact.engines.scripted import ScriptedEngine
-        from memact.env.task import make_tasks
+        from memact.env.sources import parse_source
         from memact.models.model import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else default_tokenizer()
-        expert = scripted_expert(model, make_tasks(n, objectives, seed), seed=seed)
+        try:
+            tasks = parse_source(data).tasks(n, objectives, seed)
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"memact serve: --data {data!r}: {err}") from None
+        expert = scripted_expert(model, tasks, seed=seed)
         return ChatBackend(ScriptedEngine(expert, tok), tok, served_model_name or model,
                            max_batch_size=max_batch_size)
     path = Path(model)

@@ -214,6 +214,14 @@ SYSTEM_PROMPT = (
 )
 
 
+def history_prompt(experiments: int, baseline: dict[str, str], baseline_bpb: float | None) -> str:
+    """The task text of a history episode (also how the research agent's ``policy:`` memory asks)."""
+    config = " ".join(f"{name}={value}" for name, value in baseline.items())
+    bpb = "" if baseline_bpb is None else f" val_bpb {baseline_bpb:.4f}."
+    return (f"Curate the history of {experiments} experiments. Baseline: {config};{bpb} "
+            f"Each experiment moves constants of the best so far; a keep becomes the new best.")
+
+
 @dataclass
 class HistoryTask(Task):
     """A research history to curate: a baseline configuration and the experiments that followed."""
@@ -227,10 +235,7 @@ class HistoryTask(Task):
         return max(1, len(self.experiments) // EXPERIMENTS_PER_K)
 
     def prompt_text(self) -> str:
-        config = " ".join(f"{name}={value}" for name, value in self.baseline.items())
-        bpb = "" if self.baseline_bpb is None else f" val_bpb {self.baseline_bpb:.4f}."
-        return (f"Curate the history of {len(self.experiments)} experiments. Baseline: {config};{bpb} "
-                f"Each experiment moves constants of the best so far; a keep becomes the new best.")
+        return history_prompt(len(self.experiments), self.baseline, self.baseline_bpb)
 
     def gold(self) -> dict[str, str]:
         return {}

@@ -233,10 +233,8 @@ class AgentEnv:
             return self._error(str(err), assistant_text)
         self.memory_actions += 1
         deleted = [r.record_id for r in removed]
-        result = self._append(
-            f"Deleted {len(deleted)} record(s): {', '.join(deleted)}. Memory saved.", assistant_text, "memory",
-            tool="prune_context", memory=args["memory"], deleted=deleted,
-        )
+        result = self._append(prune_result_text(deleted), assistant_text, "memory", tool="prune_context",
+                              memory=args["memory"], deleted=deleted)
         result.deleted = deleted
         return result
 
@@ -251,6 +249,11 @@ class AgentEnv:
 def with_record_id(record_id: str, text: str) -> str:
     """A record's text as shown to the agent: its ``[id: ...]`` header, then the text."""
     return f"[id: {record_id}]\n{text}"
+
+
+def prune_result_text(deleted: list[str]) -> str:
+    """The body of a ``prune_context`` response: the ids it deleted."""
+    return f"Deleted {len(deleted)} record(s): {', '.join(deleted)}. Memory saved."
 
 
 def search_result_text(docs: list[str]) -> str:

@@ -103,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         baseline_runs=args.baseline_runs, context_budget=args.context_budget, seed=args.seed,
     )
     try:
-        loop = ResearchLoop(args.dir, config, make_proposer(args.proposer, args.seed), make_memory_policy(args.memory))
+        memory = make_memory_policy(args.memory, args.experiments)
+        loop = ResearchLoop(args.dir, config, make_proposer(args.proposer, args.seed), memory)
     except (ValueError, PolicyUnavailable, ResearchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from typing import Any
 
 from memact.env.history import experiment_line
 from memact.research.history import diff_summary
-from memact.research.proposers import ContextProposer, find_constants, format_value
+from memact.research.proposers import ContextProposer, constant_values, find_constants
 from memact.research.results import baseline_best, noise_margin, should_keep
 from memact.research.workspace import template_dir
 from memact.util.seeds import derive_seed
@@ -40,7 +40,8 @@ def make_history(seed: int, experiments: int) -> dict[str, Any]:
     if experiments < 1:
         raise ValueError(f"experiments must be >= 1, got {experiments}")
     prepare = _surrogate()
-    best_source = Path(template_dir("surrogate"), "train.py").read_text(encoding="utf-8")
+    template_source = Path(template_dir("surrogate"), "train.py").read_text(encoding="utf-8")
+    best_source = template_source
     constants = {name: c[3] for name, c in find_constants(best_source).items()}
     baseline = [prepare.evaluate(constants, f"{seed}-base-{i}")[0] for i in range(BASELINE_RUNS)]
     best, margin = baseline_best(baseline), noise_margin(baseline)
@@ -58,7 +59,7 @@ def make_history(seed: int, experiments: int) -> dict[str, Any]:
         lines.append(experiment_line(n, status, bpb, proposal.description, diff))
         if status == "keep":
             best, best_source = bpb, proposal.new_source
-    return {"id": f"surrogate-s{seed}", "baseline": {k: format_value(v) for k, v in constants.items()},
+    return {"id": f"surrogate-s{seed}", "baseline": constant_values(template_source),
             "baseline_bpb": round(baseline_best(baseline), 6), "experiments": rows}
 
 

@@ -13,8 +13,10 @@ with a fresh id (so a later action can delete that note and fold it into a new o
 
 - ``heuristic``: keep the best experiment's record and the last ``keep_last`` experiment
   records, fold everything else (older notes included) into one note of running statistics;
-- ``policy:MODEL_DIR``: the served memact policy is asked for a ``prune_context`` call;
-  a bad call falls back to the heuristic and is logged;
+- ``policy:MODEL_DIR``: after every experiment the served memact policy is shown the history as
+  an episode of the history task it was trained on (``memact.env.history``) and answers
+  ``next_experiment`` (read on) or ``prune_context``; a bad call, or reading on past the
+  budget, falls back to the heuristic and is logged;
 - ``none``: never prunes.
 - ``window``: drops the oldest records, without a note, until the context fits the budget.
 
@@ -31,8 +33,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from memact.env.history import experiment_line
+from memact.env.history import NEXT_SCHEMA, SYSTEM_PROMPT, experiment_line, history_prompt
 from memact.env.memory import IdSource, MemoryActionError, Record, WorkingMemory
+from memact.env.tools import PRUNE_SCHEMA, prune_result_text, with_record_id
 from memact.research.endpoint import Endpoint, EndpointError
 from memact.research.proposers import find_constants
 
@@ -87,9 +90,11 @@ class ResearchMemory:
     been deleted, so that a run logs both curves from one history.
     """
 
-    def __init__(self, program_text: str, seed: int = 0):
+    def __init__(self, program_text: str, seed: int = 0, baseline: dict[str, str] | None = None):
         self.program_text = program_text.rstrip() + "\n"
         self.seed = seed
+        self.baseline = dict(baseline or {})
+        """The template's constants (name -> literal): the configuration experiment 1 starts from."""
         self._ids = IdSource(seed)
         self.ids_drawn = 0
         self.memory = WorkingMemory(head_id=self._new_id())
@@ -156,14 +161,15 @@ class ResearchMemory:
 
         Raises MemoryActionError (from WorkingMemory) for a bad call, leaving memory as it was.
         """
-        self.memory.prune_context(note, delete_ids)
-        return self.add_note(note, note_meta or {})
+        removed = self.memory.prune_context(note, delete_ids)
+        return self.add_note(note, dict(note_meta or {}, deleted=[r.record_id for r in removed]))
 
     # ---- persistence (state.json) ----
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
+            "baseline": self.baseline,
             "ids_drawn": self.ids_drawn,
             "head_id": self.memory.head_id,
             "shadow_record_tokens": self.shadow_record_tokens,
@@ -176,7 +182,7 @@ class ResearchMemory:
 
     @classmethod
     def from_dict(cls, program_text: str, data: dict[str, Any]) -> ResearchMemory:
-        mem = cls(program_text, seed=int(data["seed"]))
+        mem = cls(program_text, seed=int(data["seed"]), baseline=data.get("baseline"))
         while mem.ids_drawn < int(data["ids_drawn"]):  # replay the id source to where it was
             mem._new_id()
         mem.memory.head_id = data["head_id"]
@@ -323,87 +329,118 @@ class WindowMemory:
         return f"window: dropped {len(dropped)} oldest records" if dropped else ""
 
 
-PRUNE_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "prune_context",
-        "description": "Delete records from your working memory and leave one note in their place.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "memory": {"type": "string", "description": "the note that replaces the deleted records"},
-                "delete_ids": {"type": "array", "items": {"type": "string"}, "description": "record ids to delete"},
-            },
-            "required": ["memory", "delete_ids"],
-        },
-    },
-}
-
-MEMORY_PROMPT = """\
-Your context is {tokens} tokens, over its budget of {budget}. Call prune_context once: delete
-the experiment records and notes you no longer need (by their [id]) and write a memory note
-that keeps what matters for the next proposals."""
+HISTORY_TOOLS = [{"type": "function", "function": schema} for schema in (NEXT_SCHEMA, PRUNE_SCHEMA)]
+MAX_CALL_TOKENS = 512  # the longest turn of the history task's training episodes
 
 
-def parse_prune_call(message: Any) -> tuple[Any, Any]:
-    """(memory, delete_ids) from a chat message: a tool call, or a JSON object in its text.
+def _call(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
 
-    Raises MemoryActionError when neither is there, whatever shape the message has.
+
+def policy_messages(memory: ResearchMemory, experiments: int) -> list[dict[str, Any]]:
+    """The research memory as an episode of the history task (``memact.env.history``), in
+    chat-completions messages: the task's system prompt, its head (``[id: HEAD]`` and the task
+    text with the template's baseline), then every surviving record as the turn that made it:
+    an experiment as a ``next_experiment`` call answered by its line, a note as the
+    ``prune_context`` call that wrote it answered by the ids it deleted. The baseline's own
+    record (experiment 0) is the head's ``val_bpb``."""
+    records = memory.memory.records
+    base = next((r for r in records if r.kind == "tool" and r.meta.get("experiment") == 0), None)
+    bpb = base.meta.get("val_bpb") if base is not None else None
+    user = with_record_id(memory.memory.head_id, history_prompt(experiments, memory.baseline, bpb))
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    for n, r in enumerate(x for x in records if x is not base):
+        m = r.meta
+        if r.kind == "memory":
+            deleted = list(m.get("deleted", []))
+            call = _call(f"call_{n}", "prune_context", {"memory": m.get("note", ""), "delete_ids": deleted})
+            body = prune_result_text(deleted)
+        else:
+            call = _call(f"call_{n}", "next_experiment", {})
+            body = experiment_line(m["experiment"], m["status"], m["val_bpb"], m["description"], m["diff"])
+        messages += [call, {"role": "tool", "tool_call_id": f"call_{n}", "content": with_record_id(r.record_id, body)}]
+    return messages
+
+
+def parse_tool_call(message: Any, names: tuple[str, ...] = ("prune_context",)) -> tuple[str, dict[str, Any]]:
+    """(name, arguments) of the first call to one of ``names`` in a chat message: a tool call, or
+    a JSON object in its text (``{"name": ..., "arguments": {...}}``, or bare prune arguments).
+
+    Raises MemoryActionError when there is none, whatever shape the message has.
     """
     if not isinstance(message, dict):
         raise MemoryActionError(f"the policy's message is a {type(message).__name__}, not an object")
     calls = message.get("tool_calls")
-    raw: Any = None
+    name, raw = None, None
     for call in calls if isinstance(calls, list) else []:
         fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict) and fn.get("name") == "prune_context":
-            raw = fn.get("arguments")
+        if isinstance(fn, dict) and fn.get("name") in names:
+            name, raw = fn["name"], fn.get("arguments")
             break
     content = message.get("content")
     if raw is None and isinstance(content, str):  # a served model whose chat template puts the call in the text
         match = re.search(r"\{.*\}", content, flags=re.DOTALL)
         raw = match.group(0) if match else None
     if raw is None:
-        raise MemoryActionError("the policy answered without a prune_context call")
+        raise MemoryActionError(f"the policy answered without a call to {' or '.join(names)}")
     try:
         args = json.loads(raw) if isinstance(raw, str) else raw
     except (json.JSONDecodeError, RecursionError) as err:
-        raise MemoryActionError(f"prune_context arguments are not JSON: {err}") from err
-    if isinstance(args, dict) and "arguments" in args:  # {"name": ..., "arguments": {...}}
-        args = args["arguments"]
+        raise MemoryActionError(f"the call's arguments are not JSON: {err}") from err
+    if name is None and isinstance(args, dict) and "arguments" in args:  # {"name": ..., "arguments": {...}}
+        name, args = args.get("name"), args["arguments"]
+    name = name if name is not None else "prune_context"
+    if name not in names:
+        raise MemoryActionError(f"the policy called {name!r}, not {' or '.join(names)}")
     if not isinstance(args, dict):
-        raise MemoryActionError(f"prune_context arguments must be an object, got {type(args).__name__}")
-    return args.get("memory"), args.get("delete_ids")
+        raise MemoryActionError(f"{name} arguments must be an object, got {type(args).__name__}")
+    return name, args
 
 
 class PolicyMemory:
-    """The served memact policy decides the prune_context call; a bad call falls back to the heuristic."""
+    """The served memact policy curates the history: after every experiment it is shown the history
+    task's episode so far (:func:`policy_messages`) and reads on or prunes. A bad call, or reading
+    on while the context is over budget, falls back to the heuristic.
+
+    Args:
+        endpoint: the served policy (``memact serve MODEL_DIR``).
+        experiments: the run's length, stated in the task text as the history task states it.
+        fallback: the memory that acts when the policy cannot.
+    """
 
     name = "policy"
 
-    def __init__(self, endpoint: Endpoint, fallback: HeuristicMemory | None = None):
+    def __init__(self, endpoint: Endpoint, experiments: int = 16, fallback: HeuristicMemory | None = None):
         self.endpoint = endpoint
+        self.experiments = experiments
         self.fallback = fallback or HeuristicMemory()
 
     def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
-        tokens = memory.tokens(best_block)
-        if tokens <= budget:
-            return ""
-        prompt = memory.context_text(best_block) + "\n" + MEMORY_PROMPT.format(tokens=tokens, budget=budget)
+        over = memory.tokens(best_block) > budget
         try:
-            message = self.endpoint.chat(
-                [{"role": "user", "content": prompt}], tools=[PRUNE_TOOL], tool_choice="required", temperature=0.0
-            )
-            note, delete_ids = parse_prune_call(message)
-            record = memory.apply_prune(note, delete_ids)
+            message = self.endpoint.chat(policy_messages(memory, self.experiments), tools=HISTORY_TOOLS,
+                                         tool_choice="auto", temperature=0.0, max_tokens=MAX_CALL_TOKENS)
+            name, args = parse_tool_call(message, ("next_experiment", "prune_context"))
+            if name == "next_experiment":
+                if not over:
+                    return ""
+                raise MemoryActionError(f"the policy read on at {memory.tokens(best_block)} tokens, over the budget")
+            record = memory.apply_prune(args.get("memory"), args.get("delete_ids"))
         except (MemoryActionError, EndpointError, ValueError, TypeError) as err:
+            if not over:
+                return f"policy error ({str(err)[:120]}); nothing pruned"
             done = self.fallback.prune(memory, best_experiment)
             return f"policy error ({str(err)[:120]}); fallback {done}"
-        return f"policy: deleted {len(delete_ids)} records, note {record.record_id}"
+        done = f"policy: deleted {len(record.meta['deleted'])} records, note {record.record_id}"
+        if memory.tokens(best_block) > budget:
+            done += f"; still over budget: fallback {self.fallback.prune(memory, best_experiment)}"
+        return done
 
 
-def make_memory_policy(spec: str) -> MemoryPolicy:
-    """A memory policy from its command-line name: ``heuristic``, ``none``, ``window`` or ``policy:MODEL_DIR``."""
+def make_memory_policy(spec: str, experiments: int = 16) -> MemoryPolicy:
+    """A memory policy from its command-line name: ``heuristic``, ``none``, ``window`` or ``policy:MODEL_DIR``
+    (``experiments``: the run's length, which the policy's task text states)."""
     kind, _, arg = spec.partition(":")
     if spec == "heuristic":
         return HeuristicMemory()
@@ -412,5 +449,5 @@ def make_memory_policy(spec: str) -> MemoryPolicy:
     if spec == "window":
         return WindowMemory()
     if kind == "policy" and arg:
-        return PolicyMemory(Endpoint.policy(arg))
+        return PolicyMemory(Endpoint.policy(arg), experiments=experiments)
     raise ValueError(f"unknown memory {spec!r}: expected heuristic, none, window or policy:MODEL_DIR")

@@ -31,7 +31,7 @@ from typing import Any
 from memact.research import workspace as ws
 from memact.research.endpoint import EndpointError
 from memact.research.history import MemoryPolicy, Outcome, ResearchMemory, diff_summary
-from memact.research.proposers import Proposal, Proposer
+from memact.research.proposers import Proposal, Proposer, constant_values
 from memact.research.results import (
     BASELINE_PREFIX,
     CONTEXT_HEADER,
@@ -190,6 +190,13 @@ class ResearchLoop:
         lines = ["\t".join(CONTEXT_HEADER)] + ["\t".join(str(v) for v in row) for row in self.state["context_log"]]
         atomic_write_bytes(_path(self.workdir, ws.CONTEXT_FILE), ("\n".join(lines) + "\n").encode())
 
+    def _template_constants(self) -> dict[str, str]:
+        """The constants of the base commit's train.py, the baseline a ``policy:`` memory is told of."""
+        try:
+            return constant_values(ws.show_file(self.workdir, self.state["base_commit"], "train.py"))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # not Python: the policy sees no baseline
+            return {}
+
     def recover(self) -> None:
         """Load or create the state, replay rows it has not seen, and restore the work tree."""
         killed = kill_workspace_processes(self.workdir)
@@ -211,7 +218,7 @@ class ResearchLoop:
         else:
             self.state = self._fresh_state()
             self.program_text = ws.show_file(self.workdir, self.state["best_commit"], "program.md")
-            self.memory = ResearchMemory(self.program_text, seed=self.config.seed)
+            self.memory = ResearchMemory(self.program_text, seed=self.config.seed, baseline=self._template_constants())
             if os.path.exists(results_path):
                 raise ResearchError(f"{results_path} exists but {state_path} does not: not a workspace this tool started")
 

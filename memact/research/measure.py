@@ -15,8 +15,8 @@ from memact.research.workspace import CONTEXT_FILE, RESULTS_FILE
 def measure_workspace(workdir: str | os.PathLike, target: float | None = None) -> dict[str, Any]:
     """From ``results.tsv`` and ``context.tsv``: the best val_bpb, the experiment that first
     reached ``target``, the share of experiments that repeat an earlier one (the same change of
-    the same best train.py: the same configuration run again), crashes, and the context tokens
-    per experiment."""
+    the same best train.py: the same configuration run again), crashes, the context tokens
+    per experiment, and the memory's prunes (``fallbacks``: those the heuristic made for a policy)."""
     with open(os.path.join(workdir, RESULTS_FILE), newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     baseline = [r for r in rows if r["description"].startswith("baseline run")]
@@ -36,8 +36,16 @@ def measure_workspace(workdir: str | os.PathLike, target: float | None = None) -
         if reached is None and target is not None and best <= target:
             reached = i
     with open(os.path.join(workdir, CONTEXT_FILE), newline="", encoding="utf-8") as f:
-        tokens = [int(c["context_tokens"]) for c in csv.DictReader(f, delimiter="\t")]
+        context = list(csv.DictReader(f, delimiter="\t"))
+    tokens = [int(c["context_tokens"]) for c in context]
+    actions = [c["memory_action"] for c in context]
     return {"best": best, "reached": reached, "repeat_share": repeats / max(len(experiments), 1),
             "repeats": repeats, "crashes": sum(r["status"] == "crash" for r in experiments),
             "experiments": len(experiments), "context_mean": sum(tokens) / max(len(tokens), 1),
-            "context_max": max(tokens, default=0), "curve": curve, "context_curve": tokens}
+            "context_max": max(tokens, default=0), "curve": curve, "context_curve": tokens,
+            "prunes": sum(_pruned(a) for a in actions), "fallbacks": sum(_pruned(a.split("fallback", 1)[1]) for a in actions if "fallback" in a)}
+
+
+def _pruned(action: str) -> bool:
+    """Whether a logged memory action changed the context (a policy's or the heuristic's prune, a window's drop)."""
+    return any(word in action for word in ("deleted", "folded", "dropped"))

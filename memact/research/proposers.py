@@ -92,6 +92,11 @@ def find_constants(source: str) -> dict[str, tuple[int, int, int, int | float]]:
     return found
 
 
+def constant_values(source: str) -> dict[str, str]:
+    """The constants of ``source`` as a history states them: name -> short literal."""
+    return {name: format_value(c[3]) for name, c in find_constants(source).items()}
+
+
 def format_value(value: int | float) -> str:
     """A short literal: ints as they are, floats with 3 significant digits."""
     if isinstance(value, int):

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from memact.env.history import SYSTEM_PROMPT
 from memact.research.history import (
     HeuristicMemory,
     NoMemory,
@@ -109,7 +110,65 @@ def test_policy_call_is_applied_through_prune_context():
     action = PolicyMemory(endpoint).act(memory, BEST, BUDGET, None)
     assert action.startswith("policy: deleted 30")
     assert memory.memory.records[-1].response_text.endswith("note: lr helps; depth 1 best")
-    assert endpoint.calls[0][1]["tools"][0]["function"]["name"] == "prune_context"
+    assert memory.memory.records[-1].meta["deleted"] == victims
+    messages, extra = endpoint.calls[0]
+    assert [t["function"]["name"] for t in extra["tools"]] == ["next_experiment", "prune_context"]
+    assert messages[0]["content"] == SYSTEM_PROMPT and len(messages) == 2 + 2 * 40  # head, then a call and a result each
+
+
+def test_policy_reads_on_under_the_budget_and_falls_back_over_it():
+    read_on = {"tool_calls": [{"function": {"name": "next_experiment", "arguments": "{}"}}]}
+    memory = ResearchMemory(PROGRAM, seed=1)
+    for outcome in _synthetic(3):
+        memory.add_outcome(outcome)
+    before = memory.memory.ids()
+    assert PolicyMemory(FakeEndpoint(read_on)).act(memory, BEST, BUDGET, None) == ""
+    assert memory.memory.ids() == before
+    for outcome in _synthetic(40, seed=2):
+        memory.add_outcome(dataclasses.replace(outcome, experiment=outcome.experiment + 3))
+    action = PolicyMemory(FakeEndpoint(read_on)).act(memory, BEST, BUDGET, None)
+    assert "read on" in action and "fallback heuristic: folded" in action and memory.tokens(BEST) <= BUDGET
+
+
+def test_policy_is_shown_the_history_task_it_was_trained_on(tokenizer):
+    """The policy's messages, rendered by `memact serve`'s own path, are token for token the
+    prompts of the history-task episode the policy was trained on, notes included."""
+    from memact.agent.chat import ChatRenderer
+    from memact.agent.loop import run_episodes
+    from memact.agent.scripted import scripted_expert
+    from memact.engines.base import SamplingParams
+    from memact.engines.scripted import ScriptedEngine
+    from memact.engines.serve import parse_request
+    from memact.env.history import Experiment, history_tasks
+    from memact.env.memory import Budget
+    from memact.models.chatml import parse_action, render_chat
+    from memact.research.histories import make_history
+    from memact.research.history import HISTORY_TOOLS, policy_messages
+    from memact.util.seeds import derive_seed
+
+    run = make_history(3, 40)
+    run["experiments"] = [Experiment(**e) for e in run["experiments"]]
+    (task,) = [t for t in history_tasks([run], 8, 3, seed=0, source="test") if t.baseline_bpb is None][:1]
+    engine = ScriptedEngine(scripted_expert("scripted", [task]), tokenizer)
+    renderer = ChatRenderer(tokenizer)
+    (traj,) = run_episodes(engine, [task], renderer, SamplingParams(max_new_tokens=512), Budget(4096, 80),
+                           seed=5, progress=False)
+    assert traj.metrics["memory_actions"] >= 2 and traj.error is None
+    memory = ResearchMemory(PROGRAM, seed=derive_seed(5, "episode", 0), baseline=task.baseline)
+    pending = list(task.experiments)
+    renders = "tool_calls" in (tokenizer.chat_template or "")
+    for call in traj.calls:
+        body = {"model": "m", "messages": policy_messages(memory, len(task.experiments)), "tools": HISTORY_TOOLS}
+        req = parse_request(body, "m", renders)
+        served = render_chat(tokenizer, req.messages, req.tools, add_generation_prompt=True)
+        assert served == tokenizer.decode(call.prompt_ids, skip_special_tokens=False)
+        action = parse_action(tokenizer.decode(call.output_ids, skip_special_tokens=True))
+        if action.name == "prune_context":
+            memory.apply_prune(action.arguments["memory"], action.arguments["delete_ids"])
+        elif pending:
+            e = pending.pop(0)
+            memory.add_outcome(Outcome(e.experiment, e.status, e.val_bpb, e.description, e.diff))
+    assert not pending and len(traj.calls) == len(task.experiments) + 1 + traj.metrics["memory_actions"]
 
 
 @pytest.mark.parametrize(
@@ -148,3 +207,36 @@ def test_token_proxy_and_diff_summary():
 def test_make_memory_policy_names_bad_specs():
     with pytest.raises(ValueError, match="unknown memory 'smart'"):
         make_memory_policy("smart")
+
+
+def test_served_history_expert_curates_the_research_memory(tmp_path):
+    """`memact serve scripted --data history:FILE` as the research memory: every prune goes through
+    the server and the history expert's call; it never falls back and keeps the context small."""
+    import threading
+
+    from memact.agent.cli_serve import load_backend
+    from memact.engines.serve import make_server
+    from memact.research.endpoint import Endpoint
+    from memact.research.histories import write_histories
+
+    path = tmp_path / "h.jsonl"
+    (run,) = write_histories(path, runs=1, experiments=30, seed=4)
+    backend = load_backend("scripted", data=f"history:{path}")
+    server = make_server(backend, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = Endpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "scripted")
+        policy = PolicyMemory(endpoint, experiments=30)
+        memory = ResearchMemory(PROGRAM, seed=1, baseline=run["baseline"])
+        actions = []
+        for e in run["experiments"]:
+            memory.add_outcome(Outcome(e["experiment"], e["status"], e["val_bpb"], e["description"], e["diff"]))
+            actions.append(policy.act(memory, BEST, BUDGET, None))
+    finally:
+        server.shutdown()
+        server.server_close()
+        backend.close()
+    pruned = [a for a in actions if a.startswith("policy: deleted")]
+    assert len(pruned) >= 9 and not [a for a in actions if "error" in a or "fallback" in a]
+    assert memory.tokens(BEST) < BUDGET and sum(r.kind == "tool" for r in memory.memory.records) <= 3
+    assert "note: exp " in memory.context_text(BEST)  # the expert's note copies compact experiment lines

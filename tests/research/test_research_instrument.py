@@ -108,4 +108,5 @@ def test_the_instrument_can_fail_a_memory_that_hides_the_history(tmp_path):
     window = _run(tmp_path / "window", "window", 400)
     assert full["repeats"] == 0 and full["context_max"] > 400
     assert window["repeats"] > 0 and window["context_max"] <= 400
+    assert full["prunes"] == 0 and window["prunes"] > 20 and window["fallbacks"] == 0
     assert full["best"] < 1.65 and full["experiments"] == window["experiments"] == 80
