@@ -110,3 +110,17 @@ def test_the_instrument_can_fail_a_memory_that_hides_the_history(tmp_path):
     assert window["repeats"] > 0 and window["context_max"] <= 400
     assert full["prunes"] == 0 and window["prunes"] > 20 and window["fallbacks"] == 0
     assert full["best"] < 1.65 and full["experiments"] == window["experiments"] == 80
+
+
+def test_measure_counts_the_memory_s_prunes_and_the_fallback_s(tmp_path):
+    rows = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription", "a\t1.7\t0.1\tkeep\tbaseline run 1/2",
+            "b\t1.6\t0.1\tkeep\tLR 1 -> 2", "c\t1.65\t0.1\tdiscard\tLR 2 -> 4", "d\t0\t0\tcrash\tLR 2 -> 8"]
+    (tmp_path / "results.tsv").write_text("\n".join(rows) + "\n")
+    actions = ["-", "policy: deleted 2 records, note ab",
+               "policy error (the policy read on at 411 tokens, over the budget); fallback heuristic: folded 3 records "
+               "into cd", "policy: deleted 3 records, note ef; still over budget: fallback heuristic: nothing worth folding"]
+    (tmp_path / "context.tsv").write_text("experiment\tcontext_tokens\tunpruned_tokens\tmemory_action\n" + "".join(
+        f"{i}\t{300 + i}\t{300 + 9 * i}\t{a}\n" for i, a in enumerate(actions)))
+    got = measure_workspace(tmp_path, 1.62)
+    assert (got["prunes"], got["fallbacks"]) == (3, 1)
+    assert got["experiments"] == 3 and got["best"] == 1.6 and got["reached"] == 1 and got["crashes"] == 1
