@@ -441,12 +441,7 @@ def _check_tasks(r: RolloutConfig) -> None:
     from memact.env.sources import parse_source
 
     try:
-        source = parse_source(r.tasks, r.retrieval)
-        if source.path:
-            k_max = max([r.objectives, *r.curriculum])
-            n = len(source.questions("train"))
-            if n < k_max:
-                raise ValueError(f"its train split has {n} questions, fewer than K={k_max}")
+        parse_source(r.tasks, r.retrieval).check("train", max([r.objectives, *r.curriculum]))
     except (ValueError, OSError) as err:
         raise ConfigError(f"rollout.tasks={r.tasks!r}, rollout.retrieval={r.retrieval!r}: {err}") from None
 

@@ -12,6 +12,8 @@ training config):
   multi-objective QA data.
 - ``history:PATH``: research histories (``memact research histories``; :mod:`memact.env.history`):
   a task replays ``4 K`` experiments of a run to curate; runs split into ``train`` and ``eval`` by id.
+- ``mix:SPEC+SPEC[+...]``: the tasks of several sources in equal shares, interleaved (e.g.
+  ``mix:synthetic+history:runs/h.jsonl`` trains one policy on QA and research histories).
 
 File sources join K questions into one task (as MEM1 and MemAct build multi-objective
 questions) and split their questions into ``train`` and ``eval`` by a hash of the question id,
@@ -36,7 +38,7 @@ LONG_DOC_WORDS = 100
 SPLITS = ("train", "eval", "all")
 EVAL_PERCENT = 20
 """Share of a file's questions (by id hash) in the ``eval`` split."""
-SPEC_HELP = "synthetic | long[:WORDS] | hotpotqa:PATH | qa:PATH | history:PATH"
+SPEC_HELP = "synthetic | long[:WORDS] | hotpotqa:PATH | qa:PATH | history:PATH | mix:SPEC+SPEC"
 RETRIEVAL_HELP = "task | index:DIR | http:URL"  # memact.env.retrieval
 
 
@@ -227,14 +229,17 @@ _FILES: dict[tuple, tuple[dict[str, list[QARow]], list[str]]] = {}
 class TaskSource:
     """A parsed task source spec (:data:`SPEC_HELP`)."""
 
-    kind: str  # synthetic | long | hotpotqa | qa
+    kind: str  # synthetic | long | hotpotqa | qa | history | mix
     path: str = ""
     doc_words: int = 0  # long: words a document
     eval_percent: int = EVAL_PERCENT
     retrieval: str = "task"  # what the tasks' search queries (memact.env.retrieval)
+    parts: tuple[TaskSource, ...] = ()  # mix: the sources mixed
 
     @property
     def spec(self) -> str:
+        if self.kind == "mix":
+            return "mix:" + "+".join(p.spec for p in self.parts)
         if self.kind == "long":
             return f"long:{self.doc_words}"
         return f"{self.kind}:{self.path}" if self.path else self.kind
@@ -270,9 +275,34 @@ class TaskSource:
             raise ValueError(f"task source {self.spec!r} has no file of questions")
         return self._file()[0][split]
 
+    def check(self, split: str, k: int = 1) -> None:
+        """Read and check the source's files now (every row), and that ``split`` can give tasks of
+        ``k``; raises ValueError or OSError naming what is wrong."""
+        if self.kind == "mix":
+            for part in self.parts:
+                part.check(split, k)
+        elif self.kind == "history":
+            if not self.histories(split):
+                raise ValueError(f"{self.spec}: no runs in the {split} split")
+        elif self.path:
+            n = len(self.questions(split))
+            if n < k:
+                raise ValueError(f"its {split} split has {n} questions, fewer than K={k}")
+
     def tasks(self, n: int, k: int, seed: int, split: str = "all") -> list[Task]:
         """``n`` tasks of ``k`` sub-questions from ``seed``; file sources draw from ``split`` only
-        (synthetic worlds are new for every seed, so they have no split)."""
+        (synthetic worlds are new for every seed, so they have no split); a mix gives each part an
+        equal share (the first parts one more when ``n`` does not divide), interleaved."""
+        if self.kind == "mix":
+            from memact.util.seeds import derive_seed
+
+            shares = [n // len(self.parts) + (j < n % len(self.parts)) for j in range(len(self.parts))]
+            drawn = [iter(p.tasks(m, k, derive_seed(seed, "mix", j), split)) if m else iter(())
+                     for j, (p, m) in enumerate(zip(self.parts, shares))]
+            out: list[Task] = []
+            while len(out) < n:
+                out.extend(t for t in (next(it, None) for it in drawn) if t is not None)
+            return out
         if self.kind == "synthetic":
             return make_tasks(n, k, seed)
         if self.kind == "long":
@@ -322,11 +352,7 @@ def source_from_args(args: Any, command: str) -> TaskSource:
     checked whole now; a bad spec or file stops ``memact COMMAND`` with one line naming it."""
     try:
         source = parse_source(args.data, getattr(args, "retrieval", None))
-        if source.kind == "history":
-            if not source.histories(args.split):
-                raise ValueError(f"no runs in the {args.split} split")
-        elif source.path:
-            source.questions(args.split)
+        source.check(args.split)
     except (ValueError, OSError) as err:
         raise SystemExit(f"memact {command}: --data {args.data!r}: {err}") from None
     return source
@@ -335,6 +361,12 @@ def source_from_args(args: Any, command: str) -> TaskSource:
 def _parse(spec: str | None) -> TaskSource:
     spec = (spec or "synthetic").strip()
     kind, sep, arg = spec.partition(":")
+    if kind == "mix":
+        names = [a.strip() for a in arg.split("+")]
+        if len(names) < 2 or not all(names) or any(n.startswith("mix:") for n in names):
+            raise ValueError(f"task source {spec!r}: mix:SPEC+SPEC needs two or more sources (not mixes) "
+                             f"joined by '+', e.g. mix:synthetic+history:runs/h.jsonl")
+        return TaskSource("mix", parts=tuple(_parse(n) for n in names))
     if kind == "synthetic" and not sep:
         return TaskSource("synthetic")
     if kind == "long":

@@ -11,6 +11,7 @@ STREAMS: dict[str, tuple[int, ...]] = {
     "task": (100_003,),  # (i): task i of make_tasks(n, k, seed)
     "corpus": (7_919,),  # (i): task i of the tokenizer's training corpus
     "history": (7_927,),  # (i): run i of `memact research histories`
+    "mix": (7_933,),  # (j): the tasks of part j of a mix: task source
     "episode": (1,),  # (i): the record ids of episode i of run_episodes
     "demo_rollouts": (1,),  # (1000 * K): the demo's scripted data at K
     "dcpo_step": (1_000_003, 1_009),  # (step, rank): sampling and segment choice of a DCPO step

@@ -112,3 +112,21 @@ def test_expert_beats_window_and_full_history_under_the_budget(history_file):
     print(f"\n[history K=4] mean reward: {rewards}")
     assert rewards["full"] < 0.5  # 16 whole experiment records mostly break 2048 tokens
     assert rewards["memact"] > rewards["sliding_window:4"] + 0.1 > rewards["full"]
+
+
+def test_a_mix_interleaves_qa_and_history_tasks_and_a_train_config_takes_them(history_file):
+    from memact.dcpo.config import ConfigError, load_config
+
+    mix = parse_source(f"mix:synthetic+history:{history_file}")
+    tasks = mix.tasks(5, 2, seed=3, split="train")
+    assert [type(t).__name__ for t in tasks] == ["Task", "HistoryTask", "Task", "HistoryTask", "Task"]
+    assert [t.task_id for t in tasks] == [t.task_id for t in mix.tasks(5, 2, seed=3, split="train")]
+    held = {t.task_id.rsplit("-", 1)[-1] for t in mix.tasks(40, 2, seed=3, split="eval") if isinstance(t, HistoryTask)}
+    assert held and not held & {t.task_id.rsplit("-", 1)[-1] for t in tasks if isinstance(t, HistoryTask)}
+    for spec in (f"history:{history_file}", mix.spec):  # the trainer's config check reads history files too
+        assert load_config(None, [f"rollout.tasks={spec}", "rollout.objectives=2"]).rollout.tasks == spec
+    held_run = parse_source(f"history:{history_file}").histories("eval")[0]["id"]
+    only_eval = history_file.parent / "held.jsonl"
+    only_eval.write_text(next(line for line in history_file.read_text().splitlines() if held_run in line) + "\n")
+    with pytest.raises(ConfigError, match="no runs in the train split"):
+        load_config(None, [f"rollout.tasks=mix:synthetic+history:{only_eval}"])

@@ -118,6 +118,8 @@ def test_bad_lines_and_bad_hotpotqa_fields_are_named(tmp_path):
 @pytest.mark.parametrize("spec,message", [
     ("squad:x", "expected synthetic \\| long"), ("long:0", "positive whole number"), ("long:ten", "positive"),
     ("qa:", "needs a file path"), ("hotpotqa:/no/such.json", "does not exist"),
+    ("mix:synthetic", "two or more sources"), ("mix:synthetic+", "two or more"),
+    ("mix:synthetic+mix:long+long", "not mixes"), ("mix:synthetic+qa:/no/such.jsonl", "does not exist"),
 ])
 def test_bad_source_specs(spec, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
