@@ -328,7 +328,7 @@ class ResearchLoop:
     def _run_logged(self, label: str) -> tuple[str, float | None, float | None, str]:
         """Run train.py; returns (status ok/crash/timeout, val_bpb, memory_gb, error)."""
         log_path = _path(self.workdir, os.path.join(ws.LOG_DIR, f"{label}.log"))
-        result = run_training(self.workdir, self.config.budget_s, log_path)
+        result = run_training(self.workdir, self.config.budget_s, log_path, run_key=f"seed{self.config.seed}-{label}")
         return result.status, result.val_bpb, result.memory_gb, result.error
 
     def _log_row(self, row: ResultRow, diff: str) -> None:

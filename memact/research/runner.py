@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 KILL_FACTOR = 2.0  # a run longer than 2x its training budget is killed and counted as a crash
 BUDGET_ENV = "MEMACT_BUDGET_S"
 RUN_ID_ENV = "MEMACT_RUN_ID"  # unique per run: marks every process a run starts
+RUN_KEY_ENV = "MEMACT_RUN_KEY"  # the run's place in its workspace (seed and label): the same on a replay
 WORKSPACE_ENV = "MEMACT_RUN_WORKSPACE"  # the workspace: finds what a killed loop left behind
 _PR_SET_PDEATHSIG = 1
 _CLEANUP_ROUNDS = 100  # scans of /proc after a run; a scan that finds nothing ends it
@@ -213,7 +214,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int:
 
 def run_training(
     workdir: str, budget_s: float, log_path: str, script: str = "train.py", python: str | None = None,
-    kill_after_s: float | None = None,
+    kill_after_s: float | None = None, run_key: str = "",
 ) -> RunResult:
     """Run ``python script`` in ``workdir`` with ``MEMACT_BUDGET_S=budget_s``; output to ``log_path``.
 
@@ -221,13 +222,15 @@ def run_training(
     of wall time (or ``kill_after_s`` when given) and reported as ``timeout``. A non-zero
     exit, or a summary without a finite ``val_bpb`` > 0 (bits per byte), is a ``crash``.
     Whatever the script started is killed when the run ends (see the module docstring).
+    ``run_key`` goes to the script as ``MEMACT_RUN_KEY``: a name for the run that is the same
+    whenever the same run of the same workspace seed is made (the surrogate seeds its noise with it).
     """
     budget_s = check_budget(budget_s, "budget_s")
     limit = KILL_FACTOR * budget_s if kill_after_s is None else check_budget(kill_after_s, "kill_after_s")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{BUDGET_ENV: f"{budget_s:g}", "PYTHONUNBUFFERED": "1", RUN_ID_ENV: run_id,
-                              WORKSPACE_ENV: os.path.realpath(workdir)})
+                              RUN_KEY_ENV: run_key, WORKSPACE_ENV: os.path.realpath(workdir)})
     start = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

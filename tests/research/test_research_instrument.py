@@ -124,3 +124,18 @@ def test_measure_counts_the_memory_s_prunes_and_the_fallback_s(tmp_path):
     got = measure_workspace(tmp_path, 1.62)
     assert (got["prunes"], got["fallbacks"]) == (3, 1)
     assert got["experiments"] == 3 and got["best"] == 1.6 and got["reached"] == 1 and got["crashes"] == 1
+
+
+def test_the_same_seed_draws_the_same_noise_in_every_workspace(tmp_path):
+    """The surrogate's noise follows the run's seed and label (MEMACT_RUN_KEY), not the run's unique
+    id: two workspaces of one seed log the same values, so memories compare paired."""
+    import csv
+
+    def values(ws):
+        with open(ws / "results.tsv", newline="") as f:
+            return [r["val_bpb"] for r in csv.DictReader(f, delimiter="\t")]
+
+    a, b = _run(tmp_path / "a", "heuristic", 400, n=12), _run(tmp_path / "b", "heuristic", 400, n=12)
+    assert a == b and values(tmp_path / "a") == values(tmp_path / "b")
+    baseline = values(tmp_path / "a")[:3]
+    assert len(set(baseline)) == 3  # the baseline's repeats still draw noise of their own

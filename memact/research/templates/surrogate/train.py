@@ -25,7 +25,9 @@ BUDGET_S = float(os.environ.get("MEMACT_BUDGET_S", "60"))  # read as the CPU tem
 
 def main() -> None:
     constants = {name: value for name, value in globals().items() if name.isupper() and isinstance(value, (int, float))}
-    val_bpb, crash = prepare.evaluate(constants, os.environ.get("MEMACT_RUN_ID", ""))
+    # The noise of a run follows its place in the workspace (seed and label, MEMACT_RUN_KEY): the
+    # same seed draws the same noise under every memory and proposer, so runs compare paired.
+    val_bpb, crash = prepare.evaluate(constants, os.environ.get("MEMACT_RUN_KEY") or os.environ.get("MEMACT_RUN_ID", ""))
     if val_bpb is None:
         print(crash, file=sys.stderr)
         sys.exit(1)
