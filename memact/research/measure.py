@@ -43,9 +43,10 @@ def measure_workspace(workdir: str | os.PathLike, target: float | None = None) -
             "repeats": repeats, "crashes": sum(r["status"] == "crash" for r in experiments),
             "experiments": len(experiments), "context_mean": sum(tokens) / max(len(tokens), 1),
             "context_max": max(tokens, default=0), "curve": curve, "context_curve": tokens,
-            "prunes": sum(_pruned(a) for a in actions), "fallbacks": sum(_pruned(a.split("fallback", 1)[1]) for a in actions if "fallback" in a)}
+            "prunes": sum(pruned_context(a) for a in actions), "fallbacks": sum(pruned_context(a.split("fallback", 1)[1]) for a in actions if "fallback" in a)}
 
 
-def _pruned(action: str) -> bool:
-    """Whether a logged memory action changed the context (a policy's or the heuristic's prune, a window's drop)."""
+def pruned_context(action: str) -> bool:
+    """Whether a logged memory action (``context.tsv``) changed the context: a policy's or the
+    heuristic's prune, a window's drop."""
     return any(word in action for word in ("deleted", "folded", "dropped"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from memact.research import workspace as ws
+from memact.research.measure import pruned_context
 from memact.research.results import read_json, read_results
 
 
@@ -83,9 +84,12 @@ def _context(plt, workdir: str, state: dict) -> str:
     ax.plot(xs, [row[2] for row in log], color="0.5", ls="--", marker=".", label="without memory (none)")
     ax.plot(xs, [row[1] for row in log], color="tab:purple", marker="o", ms=4,
             label=f"with memory ({config.get('memory', '?')})")
-    pruned = [(row[0], row[1]) for row in log if row[3] not in ("-", "")]
+    pruned = [(row[0], row[1]) for row in log if pruned_context(row[3])]
     if pruned:
-        ax.scatter(*zip(*pruned), color="tab:purple", marker="v", s=60, zorder=3, label="memory acted")
+        ax.scatter(*zip(*pruned), color="tab:purple", marker="v", s=60, zorder=3, label="memory pruned")
+    refused = [(row[0], row[1]) for row in log if "error" in row[3] and not pruned_context(row[3])]
+    if refused:
+        ax.scatter(*zip(*refused), color="tab:red", marker="x", s=50, zorder=3, label="policy call refused, nothing pruned")
     if config.get("context_budget"):
         ax.axhline(config["context_budget"], color="tab:red", lw=1, label=f"budget {config['context_budget']}")
     ax.set_xlabel("experiment (0 = baseline)")
