@@ -15,6 +15,7 @@ each backend's `memact eval` output under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -54,22 +55,28 @@ def run_eval(policy: str, out: Path, args, env: dict | None = None) -> list[dict
     return json.loads((out / "summary.json").read_text())
 
 
-def served(name: str, cmd: list[str], port: int, args, env: dict | None = None) -> tuple[list[dict], float]:
-    log = Path(args.out) / f"{name}.log"
+@contextlib.contextmanager
+def server_process(cmd: list[str], port: int, log: Path, start_timeout: float, env: dict | None = None):
+    """``cmd`` (a server on ``port``) started in its own session with output to ``log``; yields the
+    seconds it took to answer /health, and stops it (terminate, then kill after 30 s) on exit."""
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 start_new_session=True)
         try:
-            up = wait_healthy(f"http://127.0.0.1:{port}/health", proc, args.start_timeout, log)
-            print(f"{name}: up in {up:.1f} s", flush=True)
-            rows = run_eval(f"openai:{NAME}", Path(args.out) / name, args,
-                            {"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "none"})
+            yield wait_healthy(f"http://127.0.0.1:{port}/health", proc, start_timeout, log)
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def served(name: str, cmd: list[str], port: int, args, env: dict | None = None) -> tuple[list[dict], float]:
+    with server_process(cmd, port, Path(args.out) / f"{name}.log", args.start_timeout, env) as up:
+        print(f"{name}: up in {up:.1f} s", flush=True)
+        rows = run_eval(f"openai:{NAME}", Path(args.out) / name, args,
+                        {"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "none"})
     return rows, up
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from eval_servers import free_port, wait_healthy
+from eval_servers import free_port, server_process
 
 from memact.research.measure import measure_workspace
 
@@ -53,19 +53,9 @@ def policy_server(out: Path, memory: str, args: argparse.Namespace):
         if not args.history:
             raise SystemExit("policy:scripted serves the history expert: give --history FILE")
         cmd += ["--data", f"history:{args.history}"]
-    log = out / f"{memory.replace('/', '_').replace(':', '_')}.serve.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            up = wait_healthy(f"http://127.0.0.1:{port}/health", proc, 300, log)
-            print(f"{memory}: served in {up:.1f} s", file=sys.stderr)
-            yield {"MEMACT_POLICY_URL": f"http://127.0.0.1:{port}/v1"}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with server_process(cmd, port, out / f"{label(memory)}.serve.log", 300) as up:
+        print(f"{memory}: served in {up:.1f} s", file=sys.stderr)
+        yield {"MEMACT_POLICY_URL": f"http://127.0.0.1:{port}/v1"}
 
 
 def run_one(out: Path, memory: str, seed: int, args: argparse.Namespace, env: dict[str, str]) -> Path:

@@ -25,6 +25,7 @@ field, and nothing is loaded.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import zlib
@@ -297,12 +298,9 @@ class TaskSource:
             from memact.util.seeds import derive_seed
 
             shares = [n // len(self.parts) + (j < n % len(self.parts)) for j in range(len(self.parts))]
-            drawn = [iter(p.tasks(m, k, derive_seed(seed, "mix", j), split)) if m else iter(())
+            drawn = [p.tasks(m, k, derive_seed(seed, "mix", j), split) if m else []
                      for j, (p, m) in enumerate(zip(self.parts, shares))]
-            out: list[Task] = []
-            while len(out) < n:
-                out.extend(t for t in (next(it, None) for it in drawn) if t is not None)
-            return out
+            return [t for row in itertools.zip_longest(*drawn) for t in row if t is not None]
         if self.kind == "synthetic":
             return make_tasks(n, k, seed)
         if self.kind == "long":

@@ -43,7 +43,8 @@ def measure_workspace(workdir: str | os.PathLike, target: float | None = None) -
             "repeats": repeats, "crashes": sum(r["status"] == "crash" for r in experiments),
             "experiments": len(experiments), "context_mean": sum(tokens) / max(len(tokens), 1),
             "context_max": max(tokens, default=0), "curve": curve, "context_curve": tokens,
-            "prunes": sum(pruned_context(a) for a in actions), "fallbacks": sum(pruned_context(a.split("fallback", 1)[1]) for a in actions if "fallback" in a)}
+            "prunes": sum(pruned_context(a) for a in actions),
+            "fallbacks": sum(pruned_context(a.split("fallback", 1)[1]) for a in actions if "fallback" in a)}
 
 
 def pruned_context(action: str) -> bool:
