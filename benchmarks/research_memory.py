@@ -3,17 +3,18 @@ same seeds under each memory, side by side.
 
 For each memory (``none``: the whole history, never pruned; ``window``: the oldest records
 dropped to fit the budget, no note; ``heuristic``: the best and the last records kept, the
-rest folded into a note of statistics; ``policy:MODEL_DIR``: a served policy, started here with
-``memact serve MODEL_DIR`` for the memory's runs; ``policy:scripted``: the history expert, the
-policy's SFT teacher, served with ``--data history:FILE``) and seed: a fresh surrogate workspace,
+rest folded into a note of statistics; ``expert``: the history expert, the policy's SFT
+teacher, in process; ``policy:MODEL_DIR``: a served policy, started here with ``memact serve
+MODEL_DIR`` for the memory's runs; ``policy:scripted``: the same expert, served with ``--data
+history:FILE``) and seed: a fresh surrogate workspace,
 ``memact research run --proposer context --memory M --context-budget B --seed S`` for N experiments.
 Reported per memory (mean and spread over seeds): the best val_bpb found, the experiments it
 took to first reach a target, the share of experiments that repeat an earlier one (the same
 change from the same best train.py), the context tokens per experiment, and for a served policy
-how often it pruned and how often the heuristic had to act for it.
+how often it pruned and how often the fallback (the expert, then the heuristic) had to act for it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/research_memory.py --out runs/research_memory \\
-        --memories none,window,heuristic,policy:scripted,policy:runs/hist/sm_sft --history runs/hist/h.jsonl \\
+        --memories none,window,heuristic,expert,policy:runs/hist/sm_sft \\
         --seeds 0,1,2 --experiments 120 --context-budget 400
 
 Writes ``OUT/REPORT.md``, ``OUT/results.json`` and ``OUT/research_memory.png``.

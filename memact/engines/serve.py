@@ -261,6 +261,14 @@ def parse_request(body: Any, model_name: str, template_renders_tool_calls: bool)
 # ----------------------------------------------------------------------------- output -> message
 
 
+def served_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    """The prompt text ``memact serve`` renders for chat-completions ``messages`` and ``tools``
+    (:func:`parse_request`, then the tokenizer's chat template through ``render_chat``)."""
+    renders = "tool_calls" in (getattr(tokenizer, "chat_template", None) or "")
+    req = parse_request({"model": "m", "messages": messages, "tools": tools}, "m", renders)
+    return render_chat(tokenizer, req.messages, req.tools, add_generation_prompt=True)
+
+
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """Content and ``tool_calls`` of a hermes-format assistant turn, as vLLM's hermes parser.
 

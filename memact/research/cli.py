@@ -8,7 +8,8 @@ import sys
 RUN_EPILOG = """\
 proposers: mutate (offline), openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY),
            policy:MODEL_DIR (serve it with `memact serve MODEL_DIR`, set MEMACT_POLICY_URL)
-memory:    heuristic, none, policy:MODEL_DIR (same endpoint as above)
+memory:    heuristic, none, window, expert (the history task's scripted expert, in process),
+           policy:MODEL_DIR (same endpoint as above)
 Re-running on the same DIR resumes: --experiments is the total wanted, not the number to add.
 """
 
@@ -48,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--proposer", default="mutate",
                      help="mutate | context (offline, reads only its context) | openai:MODEL | policy:MODEL_DIR "
                      "(default mutate)")
-    run.add_argument("--memory", default="heuristic", help="heuristic | none | window (oldest records dropped to fit the budget) | policy:MODEL_DIR "
+    run.add_argument("--memory", default="heuristic", help="heuristic | none | window (oldest records dropped to fit the budget) | expert (the history "
+                     "expert, in process) | policy:MODEL_DIR "
                      "(default heuristic)")
     run.add_argument("--baseline-runs", type=int, default=3, help="repeats of the baseline for the noise margin (>= 2)")
     run.add_argument("--context-budget", type=int, default=4000,

@@ -16,7 +16,9 @@ with a fresh id (so a later action can delete that note and fold it into a new o
 - ``policy:MODEL_DIR``: after every experiment the served memact policy is shown the history as
   an episode of the history task it was trained on (``memact.env.history``) and answers
   ``next_experiment`` (read on) or ``prune_context``; a bad call, or reading on past the
-  budget, falls back to the heuristic and is logged;
+  budget, falls back to the history expert (then the heuristic) and is logged;
+- ``expert``: the history task's scripted expert, in process: it folds every 3 experiments into
+  a note of compact experiment lines (what ``policy:scripted`` serves);
 - ``none``: never prunes.
 - ``window``: drops the oldest records, without a note, until the context fits the budget.
 
@@ -398,23 +400,75 @@ def parse_tool_call(message: Any, names: tuple[str, ...] = ("prune_context",)) -
     return name, args
 
 
+class ExpertMemory:
+    """The history task's scripted expert (``memact.agent.scripted_history``) curates the history
+    in process: after every experiment it reads the episode a policy would be shown
+    (:func:`policy_messages`, rendered by the chat template a served model sees) and reads on or
+    prunes, writing its note of compact experiment lines. It is what ``policy:scripted`` serves
+    (``memact serve scripted --data history:FILE``), without a server. As a policy's fallback its
+    notes keep the context in the format the policy was trained on.
+    """
+
+    name = "expert"
+
+    def __init__(self, experiments: int = 16):
+        self.experiments = experiments
+        self._expert: Any = None
+        self._tokenizer: Any = None
+
+    def decide(self, memory: ResearchMemory) -> tuple[str, dict[str, Any]]:
+        """The expert's next call on the memory as it stands: (tool name, arguments)."""
+        from memact.agent.scripted_history import HistoryExpert
+        from memact.assets import tiny_warm
+        from memact.engines.serve import served_prompt
+        from memact.models.chatml import parse_action
+        from memact.models.model import load_tokenizer
+
+        if self._expert is None:
+            self._expert, self._tokenizer = HistoryExpert(), load_tokenizer(tiny_warm())
+        prompt = served_prompt(self._tokenizer, policy_messages(memory, self.experiments), HISTORY_TOOLS)
+        action = parse_action(self._expert(prompt))
+        return action.name or "", action.arguments
+
+    def prune(self, memory: ResearchMemory, best_experiment: int | None) -> str:
+        """Prune now if the expert would (it folds once it holds 3 experiment records)."""
+        name, args = self.decide(memory)
+        if name != "prune_context":
+            return "expert: nothing to fold yet"
+        record = memory.apply_prune(args["memory"], args["delete_ids"])
+        return f"expert: deleted {len(record.meta['deleted'])} records, note {record.record_id}"
+
+    def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        done = self.prune(memory, best_experiment)
+        return "" if done.endswith("yet") else done
+
+
 class PolicyMemory:
     """The served memact policy curates the history: after every experiment it is shown the history
     task's episode so far (:func:`policy_messages`) and reads on or prunes. A bad call, or reading
-    on while the context is over budget, falls back to the heuristic.
+    on while the context is over budget, falls back to the history expert, whose notes are the
+    format the policy was trained on, and to the heuristic where the expert has nothing to fold or
+    the context is still over budget.
 
     Args:
         endpoint: the served policy (``memact serve MODEL_DIR``).
         experiments: the run's length, stated in the task text as the history task states it.
-        fallback: the memory that acts when the policy cannot.
+        fallback: the memory that acts first when the policy cannot (default the history expert).
     """
 
     name = "policy"
 
-    def __init__(self, endpoint: Endpoint, experiments: int = 16, fallback: HeuristicMemory | None = None):
+    def __init__(self, endpoint: Endpoint, experiments: int = 16, fallback: ExpertMemory | HeuristicMemory | None = None):
         self.endpoint = endpoint
         self.experiments = experiments
-        self.fallback = fallback or HeuristicMemory()
+        self.fallback = fallback or ExpertMemory(experiments)
+        self.last_resort = HeuristicMemory()
+
+    def _fall_back(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
+        done = self.fallback.prune(memory, best_experiment)
+        if memory.tokens(best_block) > budget and self.fallback is not self.last_resort:
+            done += f"; {self.last_resort.prune(memory, best_experiment)}"
+        return done
 
     def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
         over = memory.tokens(best_block) > budget
@@ -430,16 +484,15 @@ class PolicyMemory:
         except (MemoryActionError, EndpointError, ValueError, TypeError) as err:
             if not over:
                 return f"policy error ({str(err)[:120]}); nothing pruned"
-            done = self.fallback.prune(memory, best_experiment)
-            return f"policy error ({str(err)[:120]}); fallback {done}"
+            return f"policy error ({str(err)[:120]}); fallback {self._fall_back(memory, best_block, budget, best_experiment)}"
         done = f"policy: deleted {len(record.meta['deleted'])} records, note {record.record_id}"
         if memory.tokens(best_block) > budget:
-            done += f"; still over budget: fallback {self.fallback.prune(memory, best_experiment)}"
+            done += f"; still over budget: fallback {self._fall_back(memory, best_block, budget, best_experiment)}"
         return done
 
 
 def make_memory_policy(spec: str, experiments: int = 16) -> MemoryPolicy:
-    """A memory policy from its command-line name: ``heuristic``, ``none``, ``window`` or ``policy:MODEL_DIR``
+    """A memory policy from its command-line name: ``heuristic``, ``none``, ``window``, ``expert`` or ``policy:MODEL_DIR``
     (``experiments``: the run's length, which the policy's task text states)."""
     kind, _, arg = spec.partition(":")
     if spec == "heuristic":
@@ -448,6 +501,8 @@ def make_memory_policy(spec: str, experiments: int = 16) -> MemoryPolicy:
         return NoMemory()
     if spec == "window":
         return WindowMemory()
+    if spec == "expert":
+        return ExpertMemory(experiments)
     if kind == "policy" and arg:
         return PolicyMemory(Endpoint.policy(arg), experiments=experiments)
-    raise ValueError(f"unknown memory {spec!r}: expected heuristic, none, window or policy:MODEL_DIR")
+    raise ValueError(f"unknown memory {spec!r}: expected heuristic, none, window, expert or policy:MODEL_DIR")

@@ -353,3 +353,18 @@ def test_metrics_have_each_step_once_after_a_resume_and_a_fresh_run(micro_model_
 
 def _rows_of(path):
     return [json.loads(line) for line in open(path)]
+
+
+def test_dcpo_trains_on_history_tasks(micro_model_dir, tmp_path):
+    """`rollout.tasks: history:FILE` (the research memory's task family) goes through the same
+    trainer as QA: the config check, rollouts in the history environment, segments, an update."""
+    from memact.dcpo.trainer import train
+    from memact.research.histories import write_histories
+
+    write_histories(tmp_path / "h.jsonl", runs=4, experiments=12, seed=0)
+    run = train(_cfg(micro_model_dir, tmp_path / "run", 1, f"rollout.tasks=history:{tmp_path / 'h.jsonl'}",
+                     "rollout.objectives=1", "rollout.max_steps=6", "rollout.max_new_tokens=16",
+                     "rollout.context_budget=2048", "batch.max_seq_len=2560", "rollout.dynamic_sampling=false"))
+    (row,) = _rows(run)
+    # A random model never reaches the end of the 4 results: every episode gets the history penalty.
+    assert row["reward_mean"] == pytest.approx(-0.1) and row["trained_tokens"] > 0

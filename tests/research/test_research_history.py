@@ -8,6 +8,7 @@ import pytest
 
 from memact.env.history import SYSTEM_PROMPT
 from memact.research.history import (
+    ExpertMemory,
     HeuristicMemory,
     NoMemory,
     Outcome,
@@ -127,7 +128,19 @@ def test_policy_reads_on_under_the_budget_and_falls_back_over_it():
     for outcome in _synthetic(40, seed=2):
         memory.add_outcome(dataclasses.replace(outcome, experiment=outcome.experiment + 3))
     action = PolicyMemory(FakeEndpoint(read_on)).act(memory, BEST, BUDGET, None)
-    assert "read on" in action and "fallback heuristic: folded" in action and memory.tokens(BEST) <= BUDGET
+    assert "read on" in action and "fallback expert: deleted" in action and memory.tokens(BEST) <= BUDGET
+    # The fallback writes the history expert's note, the format the policy was trained on.
+    (note,) = [r for r in memory.memory.records if r.kind == "memory"]
+    assert note.response_text.split("note: ", 1)[1].startswith("exp ")
+
+
+def test_fallback_ends_with_the_heuristic_when_the_expert_has_nothing_to_fold():
+    read_on = {"tool_calls": [{"function": {"name": "next_experiment", "arguments": "{}"}}]}
+    memory = ResearchMemory(PROGRAM, seed=1)
+    for outcome in _synthetic(2):
+        memory.add_outcome(outcome)
+    action = PolicyMemory(FakeEndpoint(read_on)).act(memory, BEST, 10, None)
+    assert "fallback expert: nothing to fold yet; heuristic: " in action
 
 
 def test_policy_is_shown_the_history_task_it_was_trained_on(tokenizer):
@@ -138,10 +151,10 @@ def test_policy_is_shown_the_history_task_it_was_trained_on(tokenizer):
     from memact.agent.scripted import scripted_expert
     from memact.engines.base import SamplingParams
     from memact.engines.scripted import ScriptedEngine
-    from memact.engines.serve import parse_request
+    from memact.engines.serve import served_prompt
     from memact.env.history import Experiment, history_tasks
     from memact.env.memory import Budget
-    from memact.models.chatml import parse_action, render_chat
+    from memact.models.chatml import parse_action
     from memact.research.histories import make_history
     from memact.research.history import HISTORY_TOOLS, policy_messages
     from memact.util.seeds import derive_seed
@@ -156,11 +169,8 @@ def test_policy_is_shown_the_history_task_it_was_trained_on(tokenizer):
     assert traj.metrics["memory_actions"] >= 2 and traj.error is None
     memory = ResearchMemory(PROGRAM, seed=derive_seed(5, "episode", 0), baseline=task.baseline)
     pending = list(task.experiments)
-    renders = "tool_calls" in (tokenizer.chat_template or "")
     for call in traj.calls:
-        body = {"model": "m", "messages": policy_messages(memory, len(task.experiments)), "tools": HISTORY_TOOLS}
-        req = parse_request(body, "m", renders)
-        served = render_chat(tokenizer, req.messages, req.tools, add_generation_prompt=True)
+        served = served_prompt(tokenizer, policy_messages(memory, len(task.experiments)), HISTORY_TOOLS)
         assert served == tokenizer.decode(call.prompt_ids, skip_special_tokens=False)
         action = parse_action(tokenizer.decode(call.output_ids, skip_special_tokens=True))
         if action.name == "prune_context":
@@ -179,12 +189,12 @@ def test_policy_is_shown_the_history_task_it_was_trained_on(tokenizer):
         {"content": "I would rather not."},  # no call at all
     ],
 )
-def test_bad_policy_call_falls_back_to_the_heuristic(message):
+def test_bad_policy_call_falls_back_to_the_expert(message):
     memory = ResearchMemory(PROGRAM, seed=1)
     for outcome in _synthetic(40):
         memory.add_outcome(outcome)
     action = PolicyMemory(FakeEndpoint(message)).act(memory, BEST, BUDGET, None)
-    assert action.startswith("policy error") and "fallback heuristic: folded" in action
+    assert action.startswith("policy error") and "fallback expert: deleted" in action
     assert memory.tokens(BEST) <= BUDGET
 
 
@@ -211,7 +221,8 @@ def test_make_memory_policy_names_bad_specs():
 
 def test_served_history_expert_curates_the_research_memory(tmp_path):
     """`memact serve scripted --data history:FILE` as the research memory: every prune goes through
-    the server and the history expert's call; it never falls back and keeps the context small."""
+    the server and the history expert's call; it never falls back and keeps the context small.
+    The in-process `expert` memory makes the same context after every experiment."""
     import threading
 
     from memact.agent.cli_serve import load_backend
@@ -226,12 +237,16 @@ def test_served_history_expert_curates_the_research_memory(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         endpoint = Endpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "scripted")
-        policy = PolicyMemory(endpoint, experiments=30)
+        policy, expert = PolicyMemory(endpoint, experiments=30), ExpertMemory(experiments=30)
         memory = ResearchMemory(PROGRAM, seed=1, baseline=run["baseline"])
+        twin = ResearchMemory(PROGRAM, seed=1, baseline=run["baseline"])
         actions = []
         for e in run["experiments"]:
-            memory.add_outcome(Outcome(e["experiment"], e["status"], e["val_bpb"], e["description"], e["diff"]))
+            for m in (memory, twin):
+                m.add_outcome(Outcome(e["experiment"], e["status"], e["val_bpb"], e["description"], e["diff"]))
             actions.append(policy.act(memory, BEST, BUDGET, None))
+            expert.act(twin, BEST, BUDGET, None)
+            assert twin.context_text(BEST) == memory.context_text(BEST)
     finally:
         server.shutdown()
         server.server_close()
