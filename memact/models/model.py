@@ -8,6 +8,7 @@ through the same ``load_policy``.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,36 @@ DTYPES = ("float32", "bfloat16")
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a name in :data:`DTYPES`."""
+    """The torch dtype of a name in :data:`DTYPES`; warns once when bf16 is chosen for a CPU
+    without bf16 instructions (there it ran 22x slower than fp32: docs/models.md)."""
     import torch
 
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "bfloat16" and not torch.cuda.is_available() and cpu_bf16() is False:
+        _warn_once("bfloat16 on a CPU without avx512_bf16 or amx_bf16 (its /proc/cpuinfo flags): it runs many "
+                   "times slower than float32 there (22x measured, docs/models.md); choose float32")
     return getattr(torch, name)
+
+
+def cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16``); None where
+    ``cpuinfo`` cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _WARNED:
+        _WARNED.add(text)
+        print(f"[memact] warning: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -73,3 +73,23 @@ def test_resolve_device_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no GPU"):
             resolve_device("cuda:0")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(tmp_path, monkeypatch, capsys):
+    from memact.models import model as m
+
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    fast.write_text("flags\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    slow.write_text("flags\t: fpu sse2 avx2\n")
+    assert m.cpu_bf16(str(fast)) is True and m.cpu_bf16(str(slow)) is False
+    assert m.cpu_bf16(str(tmp_path / "none")) is None
+    monkeypatch.setattr(m, "_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(m, "cpu_bf16", lambda: False)
+    assert m.torch_dtype("bfloat16") is torch.bfloat16 and m.torch_dtype("bfloat16") is torch.bfloat16
+    assert capsys.readouterr().err.count("choose float32") == 1
+    assert m.torch_dtype("float32") is torch.float32 and not capsys.readouterr().err
+    monkeypatch.setattr(m, "_WARNED", set())
+    monkeypatch.setattr(m, "cpu_bf16", lambda: True)
+    m.torch_dtype("bfloat16")
+    assert not capsys.readouterr().err
