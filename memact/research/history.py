@@ -413,33 +413,38 @@ class ExpertMemory:
 
     def __init__(self, experiments: int = 16):
         self.experiments = experiments
-        self._expert: Any = None
         self._tokenizer: Any = None
 
-    def decide(self, memory: ResearchMemory) -> tuple[str, dict[str, Any]]:
-        """The expert's next call on the memory as it stands: (tool name, arguments)."""
+    def decide(self, memory: ResearchMemory, now: bool = False) -> tuple[str, dict[str, Any]]:
+        """The expert's next call on the memory as it stands: (tool name, arguments). ``now``: the
+        expert that folds every record, notes included, into one note as soon as one experiment
+        record is in view (a fallback must make room; the expert itself waits for 3 and keeps the last)."""
         from memact.agent.scripted_history import HistoryExpert
         from memact.assets import tiny_warm
         from memact.engines.serve import served_prompt
         from memact.models.chatml import parse_action
         from memact.models.model import load_tokenizer
 
-        if self._expert is None:
-            self._expert, self._tokenizer = HistoryExpert(), load_tokenizer(tiny_warm())
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(tiny_warm())
+        expert = HistoryExpert(hold=1, keep_last=0) if now else HistoryExpert()
         prompt = served_prompt(self._tokenizer, policy_messages(memory, self.experiments), HISTORY_TOOLS)
-        action = parse_action(self._expert(prompt))
+        action = parse_action(expert(prompt))
         return action.name or "", action.arguments
 
-    def prune(self, memory: ResearchMemory, best_experiment: int | None) -> str:
-        """Prune now if the expert would (it folds once it holds 3 experiment records)."""
-        name, args = self.decide(memory)
+    def _apply(self, memory: ResearchMemory, now: bool) -> str:
+        name, args = self.decide(memory, now)
         if name != "prune_context":
             return "expert: nothing to fold yet"
         record = memory.apply_prune(args["memory"], args["delete_ids"])
         return f"expert: deleted {len(record.meta['deleted'])} records, note {record.record_id}"
 
+    def prune(self, memory: ResearchMemory, best_experiment: int | None) -> str:
+        """As a fallback: fold everything into one note of the expert's format now."""
+        return self._apply(memory, now=True)
+
     def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
-        done = self.prune(memory, best_experiment)
+        done = self._apply(memory, now=False)
         return "" if done.endswith("yet") else done
 
 

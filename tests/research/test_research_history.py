@@ -134,13 +134,29 @@ def test_policy_reads_on_under_the_budget_and_falls_back_over_it():
     assert note.response_text.split("note: ", 1)[1].startswith("exp ")
 
 
-def test_fallback_ends_with_the_heuristic_when_the_expert_has_nothing_to_fold():
+def test_fallback_folds_piled_up_notes_and_ends_with_the_heuristic():
+    """Seen with the SmolLM2 policy: its notes piled up beside one or two records; the expert,
+    which waits for 3 records, then had nothing to fold and the context outgrew the budget. The
+    fallback folds every record, notes included, into one note at once; the heuristic follows
+    if the context is still over budget."""
     read_on = {"tool_calls": [{"function": {"name": "next_experiment", "arguments": "{}"}}]}
+    memory = ResearchMemory(PROGRAM, seed=1)
+    for i, outcome in enumerate(_synthetic(12)):
+        memory.add_outcome(outcome)
+        if i % 3 == 2:  # a policy that folds 2 records into a long note and keeps the newest
+            old = [r.record_id for r in memory.memory.records if r.kind != "memory"][:-1]
+            memory.apply_prune(" ".join([f"exp {outcome.experiment} keep val_bpb=3.1 | WIDTH 16 -> 8 |"] * 6), old)
+    assert sum(r.kind == "memory" for r in memory.memory.records) == 4
+    budget = memory.tokens(BEST) - 1
+    action = PolicyMemory(FakeEndpoint(read_on)).act(memory, BEST, budget, None)
+    assert "fallback expert: deleted" in action and memory.tokens(BEST) <= budget
+    (note,) = memory.memory.records
+    assert note.kind == "memory" and note.response_text.split("note: ", 1)[1].startswith("exp ")
     memory = ResearchMemory(PROGRAM, seed=1)
     for outcome in _synthetic(2):
         memory.add_outcome(outcome)
     action = PolicyMemory(FakeEndpoint(read_on)).act(memory, BEST, 10, None)
-    assert "fallback expert: nothing to fold yet; heuristic: " in action
+    assert "fallback expert: deleted 2 records" in action and "; heuristic: " in action
 
 
 def test_policy_is_shown_the_history_task_it_was_trained_on(tokenizer):
