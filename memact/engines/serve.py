@@ -261,11 +261,16 @@ def parse_request(body: Any, model_name: str, template_renders_tool_calls: bool)
 # ----------------------------------------------------------------------------- output -> message
 
 
+def renders_tool_calls(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders structured ``tool_calls`` (else an
+    assistant's calls are passed to it as the hermes text the model wrote)."""
+    return "tool_calls" in (getattr(tokenizer, "chat_template", None) or "")
+
+
 def served_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
     """The prompt text ``memact serve`` renders for chat-completions ``messages`` and ``tools``
     (:func:`parse_request`, then the tokenizer's chat template through ``render_chat``)."""
-    renders = "tool_calls" in (getattr(tokenizer, "chat_template", None) or "")
-    req = parse_request({"model": "m", "messages": messages, "tools": tools}, "m", renders)
+    req = parse_request({"model": "m", "messages": messages, "tools": tools}, "m", renders_tool_calls(tokenizer))
     return render_chat(tokenizer, req.messages, req.tools, add_generation_prompt=True)
 
 
@@ -468,7 +473,7 @@ class ChatBackend:
         self.model_name = model_name
         self.max_context = max_context
         self.created = int(time.time())
-        self.renders_tool_calls = "tool_calls" in (getattr(tokenizer, "chat_template", None) or "")
+        self.renders_tool_calls = renders_tool_calls(tokenizer)
         self._batcher = _Batcher(engine, max_batch_size)
 
     @property

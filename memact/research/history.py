@@ -432,20 +432,20 @@ class ExpertMemory:
         action = parse_action(expert(prompt))
         return action.name or "", action.arguments
 
-    def _apply(self, memory: ResearchMemory, now: bool) -> str:
+    def _apply(self, memory: ResearchMemory, now: bool) -> str | None:
+        """The expert's prune applied (what it did), or None where it reads on."""
         name, args = self.decide(memory, now)
         if name != "prune_context":
-            return "expert: nothing to fold yet"
+            return None
         record = memory.apply_prune(args["memory"], args["delete_ids"])
         return f"expert: deleted {len(record.meta['deleted'])} records, note {record.record_id}"
 
     def prune(self, memory: ResearchMemory, best_experiment: int | None) -> str:
         """As a fallback: fold everything into one note of the expert's format now."""
-        return self._apply(memory, now=True)
+        return self._apply(memory, now=True) or "expert: nothing to fold yet"
 
     def act(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
-        done = self._apply(memory, now=False)
-        return "" if done.endswith("yet") else done
+        return self._apply(memory, now=False) or ""
 
 
 class PolicyMemory:
@@ -458,20 +458,19 @@ class PolicyMemory:
     Args:
         endpoint: the served policy (``memact serve MODEL_DIR``).
         experiments: the run's length, stated in the task text as the history task states it.
-        fallback: the memory that acts first when the policy cannot (default the history expert).
     """
 
     name = "policy"
 
-    def __init__(self, endpoint: Endpoint, experiments: int = 16, fallback: ExpertMemory | HeuristicMemory | None = None):
+    def __init__(self, endpoint: Endpoint, experiments: int = 16):
         self.endpoint = endpoint
         self.experiments = experiments
-        self.fallback = fallback or ExpertMemory(experiments)
+        self.fallback = ExpertMemory(experiments)
         self.last_resort = HeuristicMemory()
 
     def _fall_back(self, memory: ResearchMemory, best_block: str, budget: int, best_experiment: int | None) -> str:
         done = self.fallback.prune(memory, best_experiment)
-        if memory.tokens(best_block) > budget and self.fallback is not self.last_resort:
+        if memory.tokens(best_block) > budget:
             done += f"; {self.last_resort.prune(memory, best_experiment)}"
         return done
 
